@@ -1,0 +1,172 @@
+//! The closed sets a run chooses from. Spellings follow the official FS-CT code (`FSCT_cosine`,
+//! `Conv4`, `miniImagenet`) so its scripts keep working; lower-case aliases are accepted too.
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+/// Few-shot method: the head that turns support/query embeddings into logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+pub enum Method {
+    /// FS-CT with cosine attention (the paper's method).
+    #[serde(rename = "FSCT_cosine", alias = "fsct_cosine")]
+    #[value(name = "FSCT_cosine", alias = "fsct_cosine")]
+    FsctCosine,
+    /// FS-CT with scaled dot-product attention (softmax over a single key, as in the official code).
+    #[serde(rename = "FSCT_softmax", alias = "fsct_softmax")]
+    #[value(name = "FSCT_softmax", alias = "fsct_softmax")]
+    FsctSoftmax,
+    /// CrossTransformer baseline, cosine variant.
+    #[serde(rename = "CTX_cosine", alias = "ctx_cosine")]
+    #[value(name = "CTX_cosine", alias = "ctx_cosine")]
+    CtxCosine,
+    /// CrossTransformer baseline, softmax variant.
+    #[serde(rename = "CTX_softmax", alias = "ctx_softmax")]
+    #[value(name = "CTX_softmax", alias = "ctx_softmax")]
+    CtxSoftmax,
+    /// Prototypical network: mean prototype, negative squared Euclidean logits.
+    #[serde(rename = "ProtoNet", alias = "protonet")]
+    #[value(name = "ProtoNet", alias = "protonet")]
+    ProtoNet,
+}
+
+impl Method {
+    pub fn is_ctx(self) -> bool {
+        matches!(self, Method::CtxCosine | Method::CtxSoftmax)
+    }
+    pub fn official_name(self) -> &'static str {
+        match self {
+            Method::FsctCosine => "FSCT_cosine",
+            Method::FsctSoftmax => "FSCT_softmax",
+            Method::CtxCosine => "CTX_cosine",
+            Method::CtxSoftmax => "CTX_softmax",
+            Method::ProtoNet => "ProtoNet",
+        }
+    }
+}
+
+/// Feature extractor. `ResNet*` are the FETI-style ResNets (5×5 stride-2 stem, no max-pool,
+/// adaptive pool to 7×7); `TvResNet*` the torchvision layout (7×7 stem + max-pool), trainable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+pub enum Backbone {
+    #[serde(rename = "Conv4", alias = "conv4")]
+    #[value(name = "Conv4", alias = "conv4")]
+    Conv4,
+    #[serde(rename = "Conv6", alias = "conv6")]
+    #[value(name = "Conv6", alias = "conv6")]
+    Conv6,
+    /// Omniglot's Conv4 without the last two pools, on channel 0 only (official `Conv4SNP`).
+    #[serde(rename = "Conv4SNP", alias = "conv4snp")]
+    #[value(name = "Conv4SNP", alias = "conv4snp")]
+    Conv4Snp,
+    #[serde(rename = "ResNet10", alias = "resnet10")]
+    #[value(name = "ResNet10", alias = "resnet10")]
+    ResNet10,
+    #[serde(rename = "ResNet12", alias = "resnet12")]
+    #[value(name = "ResNet12", alias = "resnet12")]
+    ResNet12,
+    #[serde(rename = "ResNet18", alias = "resnet18")]
+    #[value(name = "ResNet18", alias = "resnet18")]
+    ResNet18,
+    #[serde(rename = "ResNet34", alias = "resnet34")]
+    #[value(name = "ResNet34", alias = "resnet34")]
+    ResNet34,
+    #[serde(rename = "TvResNet18", alias = "tvresnet18")]
+    #[value(name = "TvResNet18", alias = "tvresnet18")]
+    TvResNet18,
+    #[serde(rename = "TvResNet34", alias = "tvresnet34")]
+    #[value(name = "TvResNet34", alias = "tvresnet34")]
+    TvResNet34,
+}
+
+impl Backbone {
+    pub fn is_resnet(self) -> bool {
+        !matches!(self, Backbone::Conv4 | Backbone::Conv6 | Backbone::Conv4Snp)
+    }
+    /// Smallest input side the backbone accepts (below it a pool or stride reaches zero size).
+    pub fn min_image_size(self) -> i64 {
+        match self {
+            Backbone::Conv4 | Backbone::Conv6 => 16,
+            Backbone::Conv4Snp => 12,
+            _ => 32,
+        }
+    }
+}
+
+/// The official dataset names, resolved under the data root with the official defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+pub enum DatasetName {
+    #[serde(rename = "miniImagenet", alias = "miniimagenet")]
+    #[value(name = "miniImagenet", alias = "miniimagenet")]
+    MiniImagenet,
+    #[serde(rename = "CUB", alias = "cub")]
+    #[value(name = "CUB", alias = "cub")]
+    Cub,
+    #[serde(rename = "CIFAR", alias = "cifar", alias = "CIFAR-FS")]
+    #[value(name = "CIFAR", alias = "cifar", alias = "CIFAR-FS")]
+    Cifar,
+    #[serde(rename = "Omniglot", alias = "omniglot")]
+    #[value(name = "Omniglot", alias = "omniglot")]
+    Omniglot,
+    /// The built-in procedural dataset (`fsct-dist data synth`), created on first use.
+    #[serde(rename = "synthetic", alias = "builtin")]
+    #[value(name = "synthetic", alias = "builtin")]
+    Synthetic,
+}
+
+impl DatasetName {
+    /// Folder under the data root, as in the official `configs.data_dir`.
+    pub fn folder(self) -> &'static str {
+        match self {
+            DatasetName::MiniImagenet => "miniImagenet",
+            DatasetName::Cub => "CUB",
+            DatasetName::Cifar => "CIFAR_FS",
+            DatasetName::Omniglot => "Omniglot",
+            DatasetName::Synthetic => "synthetic",
+        }
+    }
+    /// Official input size: CIFAR 112 (ResNet) / 64 (Conv), everything else 224 / 84.
+    pub fn default_image_size(self, backbone: Backbone) -> i64 {
+        match (self, backbone.is_resnet()) {
+            (DatasetName::Cifar, true) => 112,
+            (DatasetName::Cifar, false) => 64,
+            (_, true) => 224,
+            (_, false) => 84,
+        }
+    }
+}
+
+/// Which split of a dataset: the official JSON names are base / val / novel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    #[value(alias = "train")]
+    Base,
+    #[value(alias = "validation")]
+    Val,
+    #[value(alias = "test")]
+    Novel,
+}
+
+impl Split {
+    pub fn file_stem(self) -> &'static str {
+        match self {
+            Split::Base => "base",
+            Split::Val => "val",
+            Split::Novel => "novel",
+        }
+    }
+}
+
+/// Optimizer, official spellings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+pub enum Optimizer {
+    #[serde(rename = "AdamW", alias = "adamw")]
+    #[value(name = "AdamW", alias = "adamw")]
+    AdamW,
+    #[serde(rename = "Adam", alias = "adam")]
+    #[value(name = "Adam", alias = "adam")]
+    Adam,
+    #[serde(rename = "SGD", alias = "sgd")]
+    #[value(name = "SGD", alias = "sgd")]
+    Sgd,
+}
