@@ -1,5 +1,315 @@
 //! Run configuration: TOML files in configs/, CLI overrides, validation and the auto rules.
+//!
+//! What the user wrote (`RunConfig`, every field with a default) is kept apart from what the run
+//! uses (`Resolved`): `RunConfig::resolve` applies the dataset defaults and the auto rules once,
+//! and rejects impossible values with one message each.
 
 pub mod kinds;
+mod resolve;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 pub use kinds::{Backbone, DatasetName, Method, Optimizer, Split};
+pub use resolve::{DatasetSource, Resolved};
+
+/// Everything a run can be told, in TOML sections. Unknown keys are errors (typos fail loudly).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub data: DataConfig,
+    pub episode: EpisodeConfig,
+    pub model: ModelSection,
+    pub train: TrainConfig,
+    pub test: TestConfig,
+    pub run: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A dataset folder (official JSON lists, mini-ImageNet CSV, or split/class folders), or an
+    /// official name (miniImagenet, CUB, CIFAR, Omniglot) resolved under `root`, or `synthetic`
+    /// for the built-in dataset (created under `root` on first use).
+    pub dataset: String,
+    /// Where official dataset names live: `<root>/<name>/` (official `configs.data_dir`).
+    pub root: PathBuf,
+    /// Input side in pixels; 0 = the official size for the dataset and backbone (84 / 224; CIFAR 64 / 112).
+    pub image_size: i64,
+    /// Training augmentation (RandomResizedCrop + horizontal flip), official `--train_aug`.
+    pub train_aug: bool,
+    /// Loader threads decoding images; 0 = one per core (at most 8).
+    pub workers: usize,
+    /// Episodes decoded ahead of the trainer.
+    pub prefetch: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: "synthetic".into(),
+            root: PathBuf::from("data"),
+            image_size: 0,
+            train_aug: false,
+            workers: 0,
+            prefetch: 2,
+        }
+    }
+}
+
+/// The episode: n_way classes, k_shot support and n_query query images each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EpisodeConfig {
+    pub n_way: i64,
+    pub k_shot: i64,
+    /// Query images per class; Omniglot forces 15 as the official code does.
+    pub n_query: i64,
+}
+
+impl Default for EpisodeConfig {
+    fn default() -> Self {
+        Self {
+            n_way: 5,
+            k_shot: 5,
+            n_query: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    pub method: Method,
+    pub backbone: Backbone,
+    /// Transformer blocks (the official code reuses one block's weights at every depth).
+    pub depth: i64,
+    pub heads: i64,
+    pub dim_head: i64,
+    pub mlp_dim: i64,
+    /// CTX attention width.
+    pub dim_attn: i64,
+    /// VIC weights: invariance (cross-entropy), variance, covariance. 1/0/0 = plain FS-CT.
+    pub lambda_i: f64,
+    pub lambda_v: f64,
+    pub lambda_c: f64,
+    /// Local torchvision ResNet weights (safetensors with torchvision names); nothing is downloaded.
+    pub pretrained: Option<PathBuf>,
+    /// Keep backbone weights fixed (only the head trains).
+    pub freeze_backbone: bool,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            method: Method::FsctCosine,
+            backbone: Backbone::Conv4,
+            depth: 1,
+            heads: 8,
+            dim_head: 64,
+            mlp_dim: 512,
+            dim_attn: 128,
+            lambda_i: 1.0,
+            lambda_v: 0.0,
+            lambda_c: 0.0,
+            pretrained: None,
+            freeze_backbone: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: u64,
+    /// Training episodes per epoch (official `--n_episode`), one optimizer step each.
+    pub episodes_per_epoch: u64,
+    /// Validation episodes after each epoch; the best mean accuracy is kept.
+    pub val_episodes: u64,
+    pub optimizer: Optimizer,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// SGD only.
+    pub momentum: f64,
+    /// Stop after this many optimizer steps in total (0 = no limit); the run's files are still written.
+    pub max_steps: u64,
+    /// Micro-steps per episode: 1 = plain; 0 = auto (ResNet 4, others 2, the documented rule).
+    pub gradient_accumulation_steps: u64,
+    /// Write a metrics line every this many steps (and at each epoch end).
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 50,
+            episodes_per_epoch: 200,
+            val_episodes: 200,
+            optimizer: Optimizer::AdamW,
+            learning_rate: 1e-3,
+            weight_decay: 1e-5,
+            momentum: 0.9,
+            max_steps: 0,
+            gradient_accumulation_steps: 1,
+            log_every: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestConfig {
+    /// Test episodes (official `--test_iter`).
+    pub episodes: u64,
+    pub split: Split,
+}
+
+impl Default for TestConfig {
+    fn default() -> Self {
+        Self {
+            episodes: 600,
+            split: Split::Novel,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Seeds episodes, augmentation and initial weights.
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Intra-op threads for libtorch; 0 = libtorch's default.
+    pub threads: usize,
+    /// Folder for every file of the run (config, metrics, checkpoints, plots).
+    pub output: PathBuf,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            seed: 4040,
+            device: "cpu".into(),
+            threads: 0,
+            output: PathBuf::from("runs/latest"),
+        }
+    }
+}
+
+/// A config problem, said so that the fix is obvious.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path:?}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path:?} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl RunConfig {
+    /// Reads a TOML file; keys not given keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            match suggest_key(&msg) {
+                Some(hint) => format!("{msg} ({hint})"),
+                None => msg,
+            }
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a RunConfig always serialises")
+    }
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`" message: the nearest valid key.
+fn suggest_key(message: &str) -> Option<String> {
+    let unknown = message.strip_prefix("unknown field `")?.split('`').next()?;
+    let expected: Vec<&str> = message
+        .split("expected")
+        .nth(1)?
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    let best = expected.iter().min_by_key(|k| edit_distance(unknown, k))?;
+    (edit_distance(unknown, best) <= unknown.len().max(3) / 2 + 1)
+        .then(|| format!("did you mean `{best}`?"))
+}
+
+/// Levenshtein distance, for suggestions only.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_toml_gives_official_defaults() {
+        let c = RunConfig::from_toml("").unwrap();
+        assert_eq!(c, RunConfig::default());
+        assert_eq!(c.train.learning_rate, 1e-3);
+        assert_eq!(c.train.weight_decay, 1e-5);
+        assert_eq!(
+            (c.episode.n_way, c.episode.k_shot, c.episode.n_query),
+            (5, 5, 16)
+        );
+    }
+
+    #[test]
+    fn official_spellings_parse_in_toml() {
+        let c = RunConfig::from_toml(
+            "[model]\nmethod = \"CTX_softmax\"\nbackbone = \"ResNet34\"\n[train]\noptimizer = \"SGD\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.model.method, Method::CtxSoftmax);
+        assert_eq!(c.model.backbone, Backbone::ResNet34);
+        assert_eq!(c.train.optimizer, Optimizer::Sgd);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_nearest_valid_key() {
+        let err = RunConfig::from_toml("[train]\nlearning_rat = 0.1\n").unwrap_err();
+        assert!(err.contains("learning_rat"), "{err}");
+        assert!(err.contains("did you mean `learning_rate`"), "{err}");
+    }
+
+    #[test]
+    fn toml_round_trips() {
+        let mut c = RunConfig::default();
+        c.model.lambda_v = 0.5;
+        c.data.dataset = "somewhere/else".into();
+        assert_eq!(RunConfig::from_toml(&c.to_toml()).unwrap(), c);
+    }
+}

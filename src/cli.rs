@@ -1,0 +1,388 @@
+//! The command line. Flags mirror the TOML keys; the official FS-CT spellings (`--n_way`,
+//! `--train_aug 1`, `--lambda_I`, ...) are accepted as aliases so existing scripts keep working.
+//! Parsing only records what was typed: `RunArgs::apply` lays it over the config file.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{Backbone, ConfigError, Method, Optimizer, RunConfig, Split};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fsct-dist",
+    version,
+    about = "Few-Shot Cosine Transformer trainer (CPU, or MPI ranks on GPUs)"
+)]
+#[command(after_help = "Start with: fsct-dist train --config configs/quickstart.toml")]
+pub struct Cli {
+    /// Log lines as text (default) or JSON objects.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train on the base split, validate each epoch on val, keep the best, then test.
+    Train(RunArgs),
+    /// Evaluate a trained run (its best weights) on a split: mean accuracy ± 95% CI.
+    Test(TestArgs),
+    /// Dataset tools: create the built-in dataset, or check a dataset folder.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// A run folder written by `train` (its config and best weights are used).
+    #[arg(long)]
+    pub run: PathBuf,
+    #[command(flatten)]
+    pub overrides: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Write the built-in procedural dataset (official JSON format, real PNG files).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        /// Classes in the base, val and novel splits.
+        #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [16usize, 8, 8])]
+        classes: Vec<usize>,
+        #[arg(long, default_value_t = 30)]
+        images_per_class: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 84)]
+        size: u32,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Validate a dataset folder (every split, every image) and print a summary.
+    Check { dir: PathBuf },
+}
+
+/// Every run option. `None` means "as the config file (or the default) says".
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// TOML config file (configs/*.toml); flags given here override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Dataset folder, an official name (miniImagenet, CUB, CIFAR, Omniglot) under --data-root,
+    /// or `synthetic` (the built-in dataset).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Folder holding the official datasets and the built-in one.
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+    /// Folder for all files of the run.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// libtorch intra-op threads (0 = its default).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Image loader threads (0 = one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Input side in pixels (0 = the dataset's official size).
+    #[arg(long)]
+    pub image_size: Option<i64>,
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    #[arg(long, value_enum)]
+    pub backbone: Option<Backbone>,
+    /// Official flag: 1 = FETI-style ResNet (5×5 stem), 0 = torchvision-layout ResNet.
+    #[arg(long = "FETI", value_parser = parse_flag01)]
+    pub feti: Option<bool>,
+    #[arg(long = "n-way", alias = "n_way")]
+    pub n_way: Option<i64>,
+    #[arg(long = "k-shot", alias = "k_shot", alias = "n_shot")]
+    pub k_shot: Option<i64>,
+    #[arg(long = "n-query", alias = "n_query")]
+    pub n_query: Option<i64>,
+    /// Training augmentation: 1/true or 0/false.
+    #[arg(long = "train-aug", alias = "train_aug", value_parser = parse_flag01)]
+    pub train_aug: Option<bool>,
+    #[arg(long, alias = "num_epoch", alias = "num-epoch")]
+    pub epochs: Option<u64>,
+    #[arg(long = "episodes-per-epoch", alias = "n_episode", alias = "n-episode")]
+    pub episodes_per_epoch: Option<u64>,
+    #[arg(long = "val-episodes", alias = "val_episodes")]
+    pub val_episodes: Option<u64>,
+    /// Test episodes.
+    #[arg(long = "test-iter", alias = "test_iter")]
+    pub test_iter: Option<u64>,
+    /// Split evaluated by the test phase.
+    #[arg(long, value_enum)]
+    pub split: Option<Split>,
+    /// Stop after N optimizer steps in all (the run's files are still written).
+    #[arg(long = "max-steps", alias = "max_steps")]
+    pub max_steps: Option<u64>,
+    #[arg(long = "learning-rate", alias = "learning_rate", alias = "lr")]
+    pub learning_rate: Option<f64>,
+    #[arg(long = "weight-decay", alias = "weight_decay")]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    #[arg(long, alias = "optimization", value_enum)]
+    pub optimizer: Option<Optimizer>,
+    #[arg(long = "lambda-i", alias = "lambda_I")]
+    pub lambda_i: Option<f64>,
+    #[arg(long = "lambda-v", alias = "lambda_V")]
+    pub lambda_v: Option<f64>,
+    #[arg(long = "lambda-c", alias = "lambda_C")]
+    pub lambda_c: Option<f64>,
+    /// Micro-steps per episode (0 = auto: ResNet 4, others 2).
+    #[arg(
+        long = "gradient-accumulation-steps",
+        alias = "gradient_accumulation_steps"
+    )]
+    pub gradient_accumulation_steps: Option<u64>,
+    /// Local torchvision ResNet weights (safetensors).
+    #[arg(long)]
+    pub pretrained: Option<PathBuf>,
+    #[arg(long = "freeze-backbone")]
+    pub freeze_backbone: bool,
+    /// Write the final parameters and BatchNorm buffers to this safetensors file.
+    #[arg(long = "dump-params")]
+    pub dump_params: Option<PathBuf>,
+    /// Resolve and print the configuration, then exit without training.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+}
+
+fn parse_flag01(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" => Ok(false),
+        _ => Err(format!("`{s}` is not 0/1 or true/false")),
+    }
+}
+
+impl RunArgs {
+    /// The config file (or defaults) with every given flag laid over it.
+    pub fn to_config(&self) -> Result<RunConfig, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => RunConfig::from_file(path)?,
+            None => RunConfig::default(),
+        };
+        self.apply(&mut c);
+        Ok(c)
+    }
+
+    pub fn apply(&self, c: &mut RunConfig) {
+        fn set<T: Clone>(slot: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *slot = v.clone();
+            }
+        }
+        set(&mut c.data.dataset, &self.dataset);
+        set(&mut c.data.root, &self.data_root);
+        set(&mut c.data.image_size, &self.image_size);
+        set(&mut c.data.train_aug, &self.train_aug);
+        set(&mut c.data.workers, &self.workers);
+        set(&mut c.episode.n_way, &self.n_way);
+        set(&mut c.episode.k_shot, &self.k_shot);
+        set(&mut c.episode.n_query, &self.n_query);
+        set(&mut c.model.method, &self.method);
+        set(&mut c.model.backbone, &self.backbone);
+        set(&mut c.model.lambda_i, &self.lambda_i);
+        set(&mut c.model.lambda_v, &self.lambda_v);
+        set(&mut c.model.lambda_c, &self.lambda_c);
+        if self.pretrained.is_some() {
+            c.model.pretrained = self.pretrained.clone();
+        }
+        c.model.freeze_backbone |= self.freeze_backbone;
+        if let Some(feti) = self.feti {
+            c.model.backbone = with_feti(c.model.backbone, feti);
+        }
+        set(&mut c.train.epochs, &self.epochs);
+        set(&mut c.train.episodes_per_epoch, &self.episodes_per_epoch);
+        set(&mut c.train.val_episodes, &self.val_episodes);
+        set(&mut c.train.max_steps, &self.max_steps);
+        set(&mut c.train.learning_rate, &self.learning_rate);
+        set(&mut c.train.weight_decay, &self.weight_decay);
+        set(&mut c.train.momentum, &self.momentum);
+        set(&mut c.train.optimizer, &self.optimizer);
+        set(
+            &mut c.train.gradient_accumulation_steps,
+            &self.gradient_accumulation_steps,
+        );
+        set(&mut c.test.episodes, &self.test_iter);
+        set(&mut c.test.split, &self.split);
+        set(&mut c.run.seed, &self.seed);
+        set(&mut c.run.device, &self.device);
+        set(&mut c.run.threads, &self.threads);
+        set(&mut c.run.output, &self.output);
+    }
+}
+
+/// The official `--FETI` flag picks between the two ResNet layouts of the same depth.
+fn with_feti(b: Backbone, feti: bool) -> Backbone {
+    use Backbone::*;
+    match (b, feti) {
+        (TvResNet18, true) => ResNet18,
+        (TvResNet34, true) => ResNet34,
+        (ResNet18, false) => TvResNet18,
+        (ResNet34, false) => TvResNet34,
+        (other, _) => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> RunArgs {
+        let mut full = vec!["fsct-dist", "train"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full).unwrap().command {
+            Command::Train(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn official_spellings_are_accepted() {
+        let a = parse(&[
+            "--method",
+            "FSCT_softmax",
+            "--backbone",
+            "ResNet34",
+            "--FETI",
+            "0",
+            "--n_way",
+            "3",
+            "--k_shot",
+            "1",
+            "--n_query",
+            "15",
+            "--train_aug",
+            "1",
+            "--n_episode",
+            "7",
+            "--num_epoch",
+            "2",
+            "--test_iter",
+            "10",
+            "--learning_rate",
+            "0.01",
+            "--weight_decay",
+            "0.0005",
+            "--optimization",
+            "SGD",
+            "--lambda_I",
+            "1.0",
+            "--lambda_V",
+            "0.5",
+            "--lambda_C",
+            "0.1",
+            "--gradient_accumulation_steps",
+            "1",
+        ]);
+        let mut c = RunConfig::default();
+        a.apply(&mut c);
+        assert_eq!(c.model.method, Method::FsctSoftmax);
+        assert_eq!(c.model.backbone, Backbone::TvResNet34);
+        assert_eq!(
+            (c.episode.n_way, c.episode.k_shot, c.episode.n_query),
+            (3, 1, 15)
+        );
+        assert!(c.data.train_aug);
+        assert_eq!(
+            (c.train.episodes_per_epoch, c.train.epochs, c.test.episodes),
+            (7, 2, 10)
+        );
+        assert_eq!(
+            (c.train.learning_rate, c.train.weight_decay),
+            (0.01, 0.0005)
+        );
+        assert_eq!(c.train.optimizer, Optimizer::Sgd);
+        assert_eq!(
+            (c.model.lambda_i, c.model.lambda_v, c.model.lambda_c),
+            (1.0, 0.5, 0.1)
+        );
+    }
+
+    #[test]
+    fn kebab_spellings_and_common_flags() {
+        let a = parse(&[
+            "--n-way",
+            "4",
+            "--dataset",
+            "CUB",
+            "--output",
+            "o",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--threads",
+            "2",
+            "--image-size",
+            "64",
+            "--max-steps",
+            "5",
+            "--epochs",
+            "3",
+            "--episodes-per-epoch",
+            "9",
+        ]);
+        let mut c = RunConfig::default();
+        a.apply(&mut c);
+        assert_eq!(c.episode.n_way, 4);
+        assert_eq!(c.data.dataset, "CUB");
+        assert_eq!(c.run.output, PathBuf::from("o"));
+        assert_eq!((c.run.seed, c.run.threads, c.data.image_size), (3, 2, 64));
+        assert_eq!(
+            (
+                c.train.max_steps,
+                c.train.epochs,
+                c.train.episodes_per_epoch
+            ),
+            (5, 3, 9)
+        );
+    }
+
+    #[test]
+    fn flags_override_the_config_file_and_unset_flags_keep_it() {
+        let dir = std::env::temp_dir().join(format!("fsct-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[episode]\nn_way = 7\nk_shot = 2\n[train]\nepochs = 9\n",
+        )
+        .unwrap();
+        let a = parse(&["--config", file.to_str().unwrap(), "--k-shot", "3"]);
+        let c = a.to_config().unwrap();
+        assert_eq!(
+            (c.episode.n_way, c.episode.k_shot, c.train.epochs),
+            (7, 3, 9)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_method_is_a_usage_error() {
+        let r = Cli::try_parse_from(["fsct-dist", "train", "--method", "MAML"]);
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("FSCT_cosine"),
+            "lists the valid methods: {msg}"
+        );
+    }
+}

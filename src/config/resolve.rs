@@ -1,0 +1,334 @@
+//! From what the user wrote to what the run uses: dataset defaults, auto rules, validation.
+
+use std::path::PathBuf;
+
+use tch::Device;
+
+use super::{Backbone, ConfigError, DatasetName, RunConfig};
+
+/// Where the images come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DatasetSource {
+    /// A folder the user named (or an official name resolved under the data root).
+    Folder(PathBuf),
+    /// The built-in procedural dataset, created in this folder on first use.
+    Builtin(PathBuf),
+}
+
+impl DatasetSource {
+    pub fn path(&self) -> &PathBuf {
+        match self {
+            DatasetSource::Folder(p) | DatasetSource::Builtin(p) => p,
+        }
+    }
+}
+
+/// The validated run: `config` holds the effective values (auto rules applied, so saving it
+/// reproduces the run), the other fields what had to be derived from it.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub config: RunConfig,
+    pub dataset: DatasetSource,
+    /// The official dataset this run follows, when it was named (decides its defaults).
+    pub dataset_name: Option<DatasetName>,
+    pub device: Device,
+    /// Micro-steps per episode after the auto rule.
+    pub micro_steps: u64,
+    /// Loader threads after the auto rule.
+    pub workers: usize,
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+impl RunConfig {
+    /// Applies the official dataset defaults and the auto rules, then validates every value.
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let mut c = self.clone();
+        let named = parse_dataset_name(&c.data.dataset);
+        let dataset = match named {
+            Some(DatasetName::Synthetic) => DatasetSource::Builtin(c.data.root.join("synthetic")),
+            Some(name) => DatasetSource::Folder(c.data.root.join(name.folder())),
+            None => DatasetSource::Folder(PathBuf::from(&c.data.dataset)),
+        };
+        if named == Some(DatasetName::Omniglot) {
+            // As train_test.py: 15 queries and the no-pool single-channel Conv4.
+            c.episode.n_query = c.episode.n_query.min(15);
+            if c.model.backbone == Backbone::Conv4 {
+                c.model.backbone = Backbone::Conv4Snp;
+            }
+        }
+        if c.data.image_size == 0 {
+            let name = named.unwrap_or(DatasetName::MiniImagenet);
+            c.data.image_size = name.default_image_size(c.model.backbone);
+        }
+        validate(&c)?;
+        let micro_steps = micro_steps(c.train.gradient_accumulation_steps, c.model.backbone);
+        if micro_steps > 1 {
+            // Exact micro-steps (recompute with the embedding gradient) arrive with the step
+            // engine; until then refuse rather than silently change the objective.
+            return Err(invalid(
+                "gradient_accumulation_steps",
+                format!("{micro_steps} micro-steps are not supported yet; use 1"),
+            ));
+        }
+        let workers = match c.data.workers {
+            0 => std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(8),
+            w => w,
+        };
+        let device = parse_device(&c.run.device)?;
+        Ok(Resolved {
+            config: c,
+            dataset,
+            dataset_name: named,
+            device,
+            micro_steps,
+            workers,
+        })
+    }
+}
+
+/// The documented rule for `gradient_accumulation_steps = 0`: ResNet 4, everything else 2.
+pub fn micro_steps(requested: u64, backbone: Backbone) -> u64 {
+    match requested {
+        0 if backbone.is_resnet() => 4,
+        0 => 2,
+        m => m,
+    }
+}
+
+/// Official names (any case) and `synthetic`; anything else is a folder.
+fn parse_dataset_name(s: &str) -> Option<DatasetName> {
+    use clap::ValueEnum;
+    DatasetName::from_str(s, true).ok()
+}
+
+fn validate(c: &RunConfig) -> Result<(), ConfigError> {
+    let e = &c.episode;
+    if e.n_way < 2 {
+        return Err(invalid(
+            "n_way",
+            format!(
+                "{} ways cannot be classified; use --n-way 2 or more",
+                e.n_way
+            ),
+        ));
+    }
+    if e.k_shot < 1 {
+        return Err(invalid(
+            "k_shot",
+            format!(
+                "{} shots leave no support image; use --k-shot 1 or more",
+                e.k_shot
+            ),
+        ));
+    }
+    if e.n_query < 1 {
+        return Err(invalid(
+            "n_query",
+            format!(
+                "{} queries leave nothing to classify; use --n-query 1 or more",
+                e.n_query
+            ),
+        ));
+    }
+    let min = c.model.backbone.min_image_size();
+    if c.data.image_size < min {
+        return Err(invalid(
+            "image_size",
+            format!(
+                "{} px is too small for {:?} (it needs at least {min} px); raise --image-size",
+                c.data.image_size, c.model.backbone
+            ),
+        ));
+    }
+    if c.data.prefetch == 0 {
+        return Err(invalid(
+            "prefetch",
+            "the loader needs at least 1 episode of prefetch",
+        ));
+    }
+    let m = &c.model;
+    for (key, v) in [
+        ("depth", m.depth),
+        ("heads", m.heads),
+        ("dim_head", m.dim_head),
+        ("mlp_dim", m.mlp_dim),
+        ("dim_attn", m.dim_attn),
+    ] {
+        if v < 1 {
+            return Err(ConfigError::Invalid {
+                key,
+                message: format!("{v} must be at least 1"),
+            });
+        }
+    }
+    for (key, v) in [
+        ("lambda_I", m.lambda_i),
+        ("lambda_V", m.lambda_v),
+        ("lambda_C", m.lambda_c),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(ConfigError::Invalid {
+                key,
+                message: format!("{v} must be a finite number ≥ 0"),
+            });
+        }
+    }
+    if m.lambda_i + m.lambda_v + m.lambda_c == 0.0 {
+        return Err(invalid(
+            "lambda_I",
+            "all loss weights are 0, so nothing would be learned; set --lambda_I 1",
+        ));
+    }
+    let t = &c.train;
+    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+        return Err(invalid(
+            "learning_rate",
+            format!("{} must be a positive number", t.learning_rate),
+        ));
+    }
+    if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+        return Err(invalid(
+            "weight_decay",
+            format!("{} must be ≥ 0", t.weight_decay),
+        ));
+    }
+    if !(0.0..1.0).contains(&t.momentum) {
+        return Err(invalid(
+            "momentum",
+            format!("{} must be in [0, 1)", t.momentum),
+        ));
+    }
+    if t.epochs == 0 || t.episodes_per_epoch == 0 {
+        return Err(invalid(
+            "epochs",
+            "epochs and episodes per epoch must both be at least 1",
+        ));
+    }
+    if t.val_episodes == 0 {
+        return Err(invalid(
+            "val_episodes",
+            "at least 1 validation episode is needed to pick the best model",
+        ));
+    }
+    if t.log_every == 0 {
+        return Err(invalid("log_every", "must be at least 1"));
+    }
+    if c.test.episodes == 0 {
+        return Err(invalid("test_iter", "at least 1 test episode is needed"));
+    }
+    Ok(())
+}
+
+/// `cpu`, `cuda` or `cuda:N`, checked against what this machine has.
+pub fn parse_device(s: &str) -> Result<Device, ConfigError> {
+    let s = s.trim().to_ascii_lowercase();
+    let device = match s.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::Cuda(i),
+            _ => {
+                return Err(invalid(
+                    "device",
+                    format!("`{s}` is not a device; use cpu, cuda or cuda:N"),
+                ))
+            }
+        },
+    };
+    let Device::Cuda(i) = device else {
+        unreachable!()
+    };
+    let count = if tch::Cuda::is_available() {
+        tch::Cuda::device_count() as usize
+    } else {
+        0
+    };
+    if i >= count {
+        return Err(invalid(
+            "device",
+            format!("`{s}` was asked for but this machine has {count} usable CUDA device(s); use --device cpu"),
+        ));
+    }
+    Ok(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(f: impl FnOnce(&mut RunConfig)) -> RunConfig {
+        let mut c = RunConfig::default();
+        f(&mut c);
+        c
+    }
+
+    #[test]
+    fn impossible_values_are_rejected_naming_the_key() {
+        let cases: Vec<(RunConfig, &str)> = vec![
+            (with(|c| c.episode.n_way = 1), "n_way"),
+            (with(|c| c.episode.k_shot = 0), "k_shot"),
+            (with(|c| c.episode.n_query = 0), "n_query"),
+            (with(|c| c.data.image_size = 8), "image_size"),
+            (with(|c| c.train.learning_rate = -1.0), "learning_rate"),
+            (with(|c| c.model.lambda_v = f64::NAN), "lambda_V"),
+            (with(|c| c.run.device = "tpu".into()), "device"),
+            (with(|c| c.run.device = "cuda:7".into()), "device"),
+        ];
+        for (c, key) in cases {
+            match c.resolve() {
+                Err(ConfigError::Invalid { key: k, message }) => {
+                    assert_eq!(k, key, "{message}");
+                    assert!(!message.is_empty());
+                }
+                other => panic!("expected {key} to be rejected, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn official_dataset_defaults() {
+        let r = with(|c| c.data.dataset = "CIFAR".into()).resolve().unwrap();
+        assert_eq!(r.config.data.image_size, 64);
+        assert_eq!(
+            r.dataset,
+            DatasetSource::Folder(PathBuf::from("data/CIFAR_FS"))
+        );
+        let r = with(|c| {
+            c.data.dataset = "cifar".into();
+            c.model.backbone = Backbone::ResNet34;
+        })
+        .resolve()
+        .unwrap();
+        assert_eq!(r.config.data.image_size, 112);
+        let r = with(|c| c.data.dataset = "Omniglot".into())
+            .resolve()
+            .unwrap();
+        assert_eq!(r.config.episode.n_query, 15);
+        assert_eq!(r.config.model.backbone, Backbone::Conv4Snp);
+        let r = with(|c| c.data.dataset = "some/folder".into())
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            r.dataset,
+            DatasetSource::Folder(PathBuf::from("some/folder"))
+        );
+        assert_eq!(r.config.data.image_size, 84);
+    }
+
+    #[test]
+    fn auto_micro_steps_follow_the_documented_rule() {
+        assert_eq!(micro_steps(0, Backbone::Conv4), 2);
+        assert_eq!(micro_steps(0, Backbone::ResNet34), 4);
+        assert_eq!(micro_steps(0, Backbone::TvResNet18), 4);
+        assert_eq!(micro_steps(3, Backbone::ResNet34), 3);
+        assert_eq!(RunConfig::default().resolve().unwrap().micro_steps, 1);
+    }
+}
