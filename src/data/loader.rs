@@ -1,0 +1,246 @@
+//! Loader threads: workers sample, decode, transform and stack whole episodes ahead of the
+//! trainer; the iterator yields them in index order.
+//!
+//! Each worker takes the next episode index from a job channel and builds that episode alone, so
+//! the tensors do not depend on the number of workers. At most `workers + prefetch` episodes
+//! are in flight or waiting; a new job is issued each time one is yielded. Dropping the loader
+//! closes the job channel: each worker finishes the episode it holds and exits, and the drop
+//! joins them.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam::channel::{unbounded, Receiver, Sender};
+use tch::Tensor;
+
+use super::{
+    aug_seed_for, load_images, sample_episode, DataError, Episode, EpisodeShape, SplitIndex,
+    TransformConfig,
+};
+
+/// Loader settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoaderConfig {
+    /// Worker threads; 0 loads each episode in the calling thread when it is asked for.
+    pub workers: usize,
+    /// Episodes finished ahead of the trainer, beyond the ones being built.
+    pub prefetch: usize,
+    pub transform: TransformConfig,
+    /// Run seed: episode sampling and augmentation derive from (seed, epoch, index).
+    pub seed: u64,
+}
+
+/// One episode, ready for the model.
+#[derive(Debug)]
+pub struct LoadedEpisode {
+    pub epoch: u64,
+    pub index: u64,
+    pub episode: Episode,
+    /// (n_way, k_shot + n_query, 3, S, S) f32, support before query within each class.
+    pub images: Tensor,
+}
+
+/// Builds episode `index` of `epoch` completely: sample, load every image, shape as
+/// (n_way, k_shot + n_query, 3, S, S).
+pub fn load_episode(
+    split: &SplitIndex,
+    shape: EpisodeShape,
+    cfg: &LoaderConfig,
+    epoch: u64,
+    index: u64,
+) -> Result<LoadedEpisode, DataError> {
+    let episode = sample_episode(split, shape, cfg.seed, epoch, index)?;
+    let positions: Vec<usize> = (0..episode.len()).collect();
+    let aug = aug_seed_for(cfg.seed, epoch, index);
+    let flat = load_images(split, &episode, &positions, &cfg.transform, aug)?;
+    let s = cfg.transform.image_size as i64;
+    let images = flat
+        .f_reshape([
+            shape.n_way as i64,
+            shape.images_per_class() as i64,
+            3,
+            s,
+            s,
+        ])
+        .map_err(|e| DataError::Tensor(e.to_string()))?;
+    Ok(LoadedEpisode {
+        epoch,
+        index,
+        episode,
+        images,
+    })
+}
+
+type Job = u64;
+type Done = (u64, Result<LoadedEpisode, DataError>);
+
+/// Iterator over episodes `indices` of one epoch, loaded by worker threads.
+pub struct EpisodeLoader {
+    split: Arc<SplitIndex>,
+    shape: EpisodeShape,
+    cfg: LoaderConfig,
+    epoch: u64,
+    next: u64,
+    end: u64,
+    issued: u64,
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    ready: BTreeMap<u64, Result<LoadedEpisode, DataError>>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl EpisodeLoader {
+    pub fn new(
+        split: Arc<SplitIndex>,
+        shape: EpisodeShape,
+        cfg: LoaderConfig,
+        epoch: u64,
+        indices: Range<u64>,
+    ) -> Self {
+        let (job_tx, job_rx) = unbounded::<Job>();
+        let (done_tx, done_rx) = unbounded::<Done>();
+        let stop = Arc::new(AtomicBool::new(false));
+        // A thread that cannot be spawned (resource limits) just means fewer workers; with none,
+        // episodes are loaded in the calling thread.
+        let mut handles = Vec::with_capacity(cfg.workers);
+        for w in 0..cfg.workers {
+            let (split, jobs, done) = (split.clone(), job_rx.clone(), done_tx.clone());
+            let stop = stop.clone();
+            match std::thread::Builder::new()
+                .name(format!("fsct-loader-{w}"))
+                .spawn(move || worker(&split, shape, cfg, epoch, jobs, done, &stop))
+            {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    tracing::warn!("could only start {w} of {} loader threads: {e}", cfg.workers);
+                    break;
+                }
+            }
+        }
+        let mut cfg = cfg;
+        cfg.workers = handles.len();
+        let mut loader = EpisodeLoader {
+            split,
+            shape,
+            cfg,
+            epoch,
+            next: indices.start,
+            end: indices.end.max(indices.start),
+            issued: indices.start,
+            jobs: Some(job_tx),
+            done: done_rx,
+            ready: BTreeMap::new(),
+            stop,
+            handles,
+        };
+        loader.top_up();
+        loader
+    }
+
+    /// Issues jobs until `workers + prefetch` episodes are in flight or waiting.
+    fn top_up(&mut self) {
+        if self.cfg.workers == 0 {
+            return;
+        }
+        let window = (self.cfg.workers + self.cfg.prefetch) as u64;
+        while self.issued < self.end && self.issued < self.next + window {
+            if let Some(tx) = &self.jobs {
+                // Workers only stop once this sender is dropped, so the send cannot fail here.
+                let _ = tx.send(self.issued);
+            }
+            self.issued += 1;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    split: &SplitIndex,
+    shape: EpisodeShape,
+    cfg: LoaderConfig,
+    epoch: u64,
+    jobs: Receiver<Job>,
+    done: Sender<Done>,
+    stop: &AtomicBool,
+) {
+    while let Ok(index) = jobs.recv() {
+        if stop.load(Ordering::Relaxed) {
+            break; // the loader was dropped: skip the queued jobs
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            load_episode(split, shape, &cfg, epoch, index)
+        }))
+        .unwrap_or_else(|p| {
+            let message = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(DataError::WorkerPanic { index, message })
+        });
+        if done.send((index, result)).is_err() {
+            break; // the loader is gone
+        }
+    }
+}
+
+impl Iterator for EpisodeLoader {
+    type Item = Result<LoadedEpisode, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.end {
+            return None;
+        }
+        let index = self.next;
+        if self.cfg.workers == 0 {
+            self.next += 1;
+            return Some(load_episode(
+                &self.split,
+                self.shape,
+                &self.cfg,
+                self.epoch,
+                index,
+            ));
+        }
+        let item = loop {
+            if let Some(r) = self.ready.remove(&index) {
+                break r;
+            }
+            match self.done.recv() {
+                Ok((i, r)) => {
+                    self.ready.insert(i, r);
+                }
+                // Unreachable while we hold a job sender and workers are alive; report, not hang.
+                Err(_) => {
+                    break Err(DataError::WorkerPanic {
+                        index,
+                        message: "all loader threads exited".into(),
+                    })
+                }
+            }
+        };
+        self.next += 1;
+        self.top_up();
+        Some(item)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = (self.end - self.next) as usize;
+        (n, Some(n))
+    }
+}
+
+impl Drop for EpisodeLoader {
+    fn drop(&mut self) {
+        // Workers finish the episode they hold, then skip queued jobs and see the closed channel.
+        self.stop.store(true, Ordering::Relaxed);
+        self.jobs = None;
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
