@@ -45,7 +45,10 @@ impl fmt::Display for CheckReport {
             "split", "format", "classes", "images", "per class"
         )?;
         for s in &self.splits {
-            let format = s.format.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+            let format = s
+                .format
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "-".into());
             writeln!(
                 f,
                 "{:<6} {:<18} {:>7} {:>8} {:>15}",
@@ -57,7 +60,7 @@ impl fmt::Display for CheckReport {
             )?;
         }
         if self.is_ok() {
-            write!(f, "no problems found")
+            writeln!(f, "no problems found")
         } else {
             writeln!(f, "{} problem(s):", self.num_problems())?;
             for s in &self.splits {
@@ -99,7 +102,8 @@ pub fn check_dataset(root: &Path) -> Result<CheckReport, DataError> {
                 rep.min_per_class = counts.clone().min().unwrap_or(0);
                 rep.max_per_class = counts.max().unwrap_or(0);
                 for c in index.classes.iter().filter(|c| c.images.is_empty()) {
-                    rep.problems.push(format!("class {:?} has no images", c.name));
+                    rep.problems
+                        .push(format!("class {:?} has no images", c.name));
                 }
                 let files: Vec<&Path> = index
                     .classes

@@ -80,7 +80,9 @@ pub enum DataError {
     #[error("a data loader worker panicked on episode {index}: {message}; this is a bug, please report it")]
     WorkerPanic { index: u64, message: String },
 
-    #[error("cannot write the built-in dataset to {path:?}: {reason}; check free space and permissions")]
+    #[error(
+        "cannot write the built-in dataset to {path:?}: {reason}; check free space and permissions"
+    )]
     Synth { path: PathBuf, reason: String },
 }
 

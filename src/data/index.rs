@@ -179,7 +179,10 @@ fn read_csv(root: &Path, path: &Path) -> Result<Vec<ClassImages>, DataError> {
         path: path.to_path_buf(),
         reason,
     };
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     match lines.next() {
         Some((_, h)) if h.trim().eq_ignore_ascii_case("filename,label") => {}
         other => {

@@ -58,13 +58,7 @@ pub fn load_episode(
     let flat = load_images(split, &episode, &positions, &cfg.transform, aug)?;
     let s = cfg.transform.image_size as i64;
     let images = flat
-        .f_reshape([
-            shape.n_way as i64,
-            shape.images_per_class() as i64,
-            3,
-            s,
-            s,
-        ])
+        .f_reshape([shape.n_way as i64, shape.images_per_class() as i64, 3, s, s])
         .map_err(|e| DataError::Tensor(e.to_string()))?;
     Ok(LoadedEpisode {
         epoch,
@@ -116,7 +110,10 @@ impl EpisodeLoader {
             {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    tracing::warn!("could only start {w} of {} loader threads: {e}", cfg.workers);
+                    tracing::warn!(
+                        "could only start {w} of {} loader threads: {e}",
+                        cfg.workers
+                    );
                     break;
                 }
             }

@@ -58,6 +58,20 @@ pub struct SynthSummary {
     pub images: usize,
 }
 
+impl std::fmt::Display for SynthSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wrote {} images in {}/{}/{} classes (base/val/novel) to {}",
+            self.images,
+            self.classes[0],
+            self.classes[1],
+            self.classes[2],
+            self.root.display()
+        )
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Marker {
     generator: String,
@@ -171,8 +185,16 @@ fn render(opts: &SynthOptions, spec: &ClassSpec, c: usize, image: usize) -> Vec<
     let n = opts.size as usize;
     let nf = n as f32;
     let mut r = keyed_rng(opts.seed, c as u64, image as u64, DOMAIN_INSTANCE);
-    let bg = hsv(r.random(), r.random_range(0.0..0.35), r.random_range(0.25..0.9));
-    let bg2 = hsv(r.random(), r.random_range(0.0..0.35), r.random_range(0.25..0.9));
+    let bg = hsv(
+        r.random(),
+        r.random_range(0.0..0.35),
+        r.random_range(0.25..0.9),
+    );
+    let bg2 = hsv(
+        r.random(),
+        r.random_range(0.0..0.35),
+        r.random_range(0.25..0.9),
+    );
     let bg_angle: f32 = r.random_range(0.0..2.0 * PI);
     let noise_amp: f32 = r.random_range(4.0..24.0);
     let radius = nf * r.random_range(0.24f32..0.38);
@@ -276,8 +298,11 @@ fn write_into(dir: &Path, opts: &SynthOptions) -> Result<usize, DataError> {
             "image_labels": labels,
         });
         let path = dir.join(format!("{}.json", split_of(s).file_stem()));
-        std::fs::write(&path, serde_json::to_string(&json).expect("json of strings"))
-            .map_err(|e| synth_err(&path, e))?;
+        std::fs::write(
+            &path,
+            serde_json::to_string(&json).expect("json of strings"),
+        )
+        .map_err(|e| synth_err(&path, e))?;
     }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())

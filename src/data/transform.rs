@@ -240,9 +240,9 @@ fn random_resized_crop(
 /// u8 value → normalised f32, per channel.
 fn lut() -> [[f32; 256]; 3] {
     let mut t = [[0f32; 256]; 3];
-    for c in 0..3 {
-        for v in 0..256 {
-            t[c][v] = (v as f32 / 255.0 - MEAN[c]) / STD[c];
+    for (c, row) in t.iter_mut().enumerate() {
+        for (v, x) in row.iter_mut().enumerate() {
+            *x = (v as f32 / 255.0 - MEAN[c]) / STD[c];
         }
     }
     t
@@ -305,7 +305,9 @@ pub fn load_images(
 ) -> Result<Tensor, DataError> {
     let s = tf.image_size as usize;
     if s == 0 {
-        return Err(DataError::BadRequest("image_size must be at least 1".into()));
+        return Err(DataError::BadRequest(
+            "image_size must be at least 1".into(),
+        ));
     }
     let flat = episode.flat();
     let per = 3 * s * s;
@@ -328,7 +330,13 @@ pub fn load_images(
                 ))
             })?;
         let img = decode_image(path, &split.root)?;
-        transform_into(&img, tf, aug_seed, p as u64, &mut buf[k * per..(k + 1) * per]);
+        transform_into(
+            &img,
+            tf,
+            aug_seed,
+            p as u64,
+            &mut buf[k * per..(k + 1) * per],
+        );
     }
     let t = Tensor::f_from_slice(&buf).map_err(|e| DataError::Tensor(e.to_string()))?;
     t.f_reshape([positions.len() as i64, 3, s as i64, s as i64])
