@@ -63,7 +63,7 @@ pub enum DataCommand {
         /// Image side in pixels.
         #[arg(long, default_value_t = 84)]
         size: u32,
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 0)]
         seed: u64,
     },
     /// Validate a dataset folder (every split, every image) and print a summary.

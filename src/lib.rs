@@ -5,12 +5,13 @@ pub mod config;
 pub mod data;
 pub mod logging;
 pub mod model;
+pub mod train;
 
 use std::process::ExitCode;
 
 use anyhow::Result;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, DataCommand};
 
 /// Exit code of a run that failed with an error message.
 pub const EXIT_ERROR: u8 = 1;
@@ -24,8 +25,67 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", resolved.config.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
-            anyhow::bail!("training is not wired yet")
+            train::train(&resolved, args.dump_params.as_deref())?;
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Test(_) | Command::Data(_) => anyhow::bail!("not wired yet"),
+        Command::Test(args) => test_run(&args),
+        Command::Data(DataCommand::Synth {
+            out,
+            classes,
+            images_per_class,
+            size,
+            seed,
+        }) => {
+            let opts = data::SynthOptions {
+                classes: [classes[0], classes[1], classes[2]],
+                images_per_class,
+                size,
+                seed,
+            };
+            let summary = data::write_dataset(&out, &opts)?;
+            println!(
+                "wrote {} images in {}/{}/{} base/val/novel classes to {}",
+                summary.images,
+                summary.classes[0],
+                summary.classes[1],
+                summary.classes[2],
+                summary.root.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data(DataCommand::Check { dir }) => {
+            let report = data::check_dataset(&dir)?;
+            print!("{report}");
+            Ok(if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_ERROR)
+            })
+        }
     }
+}
+
+/// `fsct-dist test --run DIR`: the run's own config (flags may override), its best weights.
+fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
+    let config_file = args.run.join(train::CONFIG_FILE);
+    let weights = args.run.join(train::BEST_WEIGHTS);
+    anyhow::ensure!(
+        config_file.is_file() && weights.is_file(),
+        "{} is not a finished training run (it needs {} and {}); pass the --output folder of `fsct-dist train`",
+        args.run.display(),
+        train::CONFIG_FILE,
+        train::BEST_WEIGHTS
+    );
+    let mut config = config::RunConfig::from_file(&config_file)?;
+    config.run.output = args.run.clone();
+    args.overrides.apply(&mut config);
+    let resolved = config.resolve()?;
+    let root = train::dataset_root(&resolved)?;
+    let mut built = train::build(&resolved)?;
+    built
+        .vs
+        .load(&weights)
+        .map_err(|e| anyhow::anyhow!("{} does not fit this model: {e}", weights.display()))?;
+    train::test_split(&resolved, &built.model, &root, built.shape)?;
+    Ok(ExitCode::SUCCESS)
 }

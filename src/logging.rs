@@ -1,5 +1,7 @@
 //! tracing set-up: plain or JSON lines on stderr; `RUST_LOG` filters (default `info`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
@@ -9,7 +11,8 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
     // A second init (tests calling run twice) is harmless: the first subscriber stays.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

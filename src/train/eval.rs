@@ -1,0 +1,99 @@
+//! Evaluation as in the official `val_loop` / `direct_test`: per-episode accuracy in %, mean and
+//! 95% interval 1.96·std/√n with the population std (numpy's default ddof 0).
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde::Serialize;
+use tch::Device;
+
+use crate::data::{EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex};
+use crate::model::{labels, FewShotModel};
+
+/// Episode-key "epochs" reserved for evaluation, so validation draws the same episodes every
+/// epoch (a fair comparison for model selection) and never the training ones.
+pub const VAL_EPOCH: u64 = u64::MAX - 1;
+pub const TEST_EPOCH: u64 = u64::MAX;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Accuracy {
+    pub episodes: usize,
+    /// Mean accuracy in percent.
+    pub mean: f64,
+    /// Half-width of the 95% interval, in percent.
+    pub ci95: f64,
+}
+
+impl Accuracy {
+    pub fn from_episodes(acc: &[f64]) -> Self {
+        let n = acc.len().max(1) as f64;
+        let mean = acc.iter().sum::<f64>() / n;
+        let var = acc.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / n;
+        Self {
+            episodes: acc.len(),
+            mean,
+            ci95: 1.96 * var.sqrt() / n.sqrt(),
+        }
+    }
+
+    /// The official line, e.g. `600 Test Acc = 60.38% +- 0.66%`.
+    pub fn official_line(&self, what: &str) -> String {
+        format!(
+            "{} {what} Acc = {:4.2}% +- {:4.2}%",
+            self.episodes, self.mean, self.ci95
+        )
+    }
+}
+
+/// Accuracy of `model` (eval mode: BatchNorm running statistics, no graph) on `episodes` episodes.
+pub fn evaluate(
+    model: &FewShotModel,
+    split: Arc<SplitIndex>,
+    shape: EpisodeShape,
+    loader: LoaderConfig,
+    epoch_key: u64,
+    episodes: u64,
+    device: Device,
+    mut on_episode: impl FnMut(),
+) -> Result<Accuracy> {
+    let _guard = tch::no_grad_guard();
+    let target = labels(shape.n_way as i64, shape.n_query as i64).to_device(device);
+    let mut acc = Vec::with_capacity(episodes as usize);
+    for batch in EpisodeLoader::new(split, shape, loader, epoch_key, 0..episodes) {
+        let batch = batch?;
+        let out = model.forward(&batch.images.to_device(device), false);
+        let correct = out
+            .logits
+            .argmax(-1, false)
+            .eq_tensor(&target)
+            .to_kind(tch::Kind::Float)
+            .mean(tch::Kind::Float);
+        acc.push(100.0 * correct.double_value(&[]));
+        on_episode();
+    }
+    Ok(Accuracy::from_episodes(&acc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_uses_population_std() {
+        // numpy: np.mean([50,100]) = 75, np.std = 25, 1.96*25/sqrt(2) = 34.648...
+        let a = Accuracy::from_episodes(&[50.0, 100.0]);
+        assert_eq!(a.mean, 75.0);
+        assert!((a.ci95 - 1.96 * 25.0 / 2f64.sqrt()).abs() < 1e-12);
+        assert_eq!(Accuracy::from_episodes(&[60.0; 4]).ci95, 0.0);
+    }
+
+    #[test]
+    fn official_line_format() {
+        let a = Accuracy {
+            episodes: 600,
+            mean: 60.3812,
+            ci95: 0.6649,
+        };
+        assert_eq!(a.official_line("Test"), "600 Test Acc = 60.38% +- 0.66%");
+    }
+}

@@ -1,0 +1,117 @@
+//! The run folder: every file is written whole or not at all (temp file, fsync, rename), so a
+//! crash or a full disk never leaves a half-written file that a later run would trust.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tch::nn::VarStore;
+
+/// The temp name used while `path` is being written: same folder (so rename is atomic), and the
+/// same extension (VarStore picks the format from it).
+fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".tmp-{}-{name}", std::process::id()))
+}
+
+/// Runs `write` on a temp path, makes it durable, then renames it over `path`.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_sibling(path);
+    let result = write(&tmp).and_then(|()| {
+        File::open(&tmp)?.sync_all()?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        fs::write(tmp, bytes)?;
+        Ok(())
+    })
+}
+
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+/// Saves every variable (parameters and BatchNorm buffers) as safetensors, loadable from Python.
+pub fn save_weights(vs: &VarStore, path: &Path) -> Result<()> {
+    write_atomic_with(path, |tmp| Ok(vs.save(tmp)?))
+}
+
+/// Creates the run folder and checks it is writable before any work is done.
+pub fn prepare_output(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create the output folder {}; choose another with --output",
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(".write-test");
+    fs::write(&probe, b"ok").with_context(|| {
+        format!(
+            "the output folder {} is not writable; choose another with --output",
+            dir.display()
+        )
+    })?;
+    fs::remove_file(probe)?;
+    Ok(())
+}
+
+/// Append-only JSON-lines log (metrics). Each line is flushed whole, so a reader never sees half
+/// a record.
+pub struct JsonLines {
+    file: File,
+}
+
+impl JsonLines {
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    pub fn write(&mut self, value: &impl Serialize) -> Result<()> {
+        let mut line = serde_json::to_vec(value)?;
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_and_failed_write_leaves_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        let err = write_atomic_with(&path, |tmp| {
+            fs::write(tmp, b"half")?;
+            anyhow::bail!("disk full")
+        });
+        assert!(err.is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"second", "old file intact");
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no temp file left: {leftovers:?}");
+    }
+}

@@ -1,0 +1,352 @@
+//! The single-process training protocol of the official `train_test.py`: one optimizer step per
+//! episode, validation after every epoch, the best validation model kept, then the test.
+
+pub mod eval;
+pub mod files;
+mod optim;
+pub mod plot;
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tch::nn::VarStore;
+use tracing::info;
+
+use crate::config::{DatasetSource, Resolved, Split};
+use crate::data::{self, EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex, TransformConfig};
+use crate::model::{self, FewShotModel, ModelConfig};
+pub use eval::{evaluate, Accuracy, TEST_EPOCH, VAL_EPOCH};
+use files::{save_weights, write_json, JsonLines};
+use plot::Curves;
+use progress::Progress;
+
+/// File names inside the run folder.
+pub const CONFIG_FILE: &str = "config.toml";
+pub const BEST_WEIGHTS: &str = "best.safetensors";
+pub const LAST_WEIGHTS: &str = "last.safetensors";
+
+/// Where training stopped and what it reached.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub epochs_completed: u64,
+    pub best_val: Option<Accuracy>,
+    pub best_epoch: Option<u64>,
+    pub test: Option<Accuracy>,
+    pub seconds: f64,
+}
+
+/// One metrics line (metrics.jsonl).
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Metric {
+    Train {
+        epoch: u64,
+        step: u64,
+        loss: f64,
+        acc: f64,
+        episodes_per_s: f64,
+    },
+    Val {
+        epoch: u64,
+        acc: f64,
+        ci95: f64,
+        best: bool,
+    },
+    Test {
+        split: Split,
+        episodes: usize,
+        acc: f64,
+        ci95: f64,
+    },
+}
+
+/// The model, its variables and the episode shape, built from a resolved config.
+pub struct Built {
+    pub vs: VarStore,
+    pub model: FewShotModel,
+    pub shape: EpisodeShape,
+}
+
+pub fn model_config(r: &Resolved) -> ModelConfig {
+    let c = &r.config;
+    let mut m = ModelConfig::new(
+        c.model.method,
+        c.model.backbone,
+        c.episode.n_way,
+        c.episode.k_shot,
+        c.episode.n_query,
+        c.data.image_size,
+    );
+    m.depth = c.model.depth;
+    m.heads = c.model.heads;
+    m.dim_head = c.model.dim_head;
+    m.mlp_dim = c.model.mlp_dim;
+    m.dim_attn = c.model.dim_attn;
+    m.lambda_i = c.model.lambda_i;
+    m.lambda_v = c.model.lambda_v;
+    m.lambda_c = c.model.lambda_c;
+    m
+}
+
+/// Seeds libtorch and builds the model (with local pretrained weights and freezing if asked).
+pub fn build(r: &Resolved) -> Result<Built> {
+    let c = &r.config;
+    if c.run.threads > 0 {
+        tch::set_num_threads(c.run.threads as i32);
+    }
+    tch::manual_seed(c.run.seed as i64);
+    let mut vs = VarStore::new(r.device);
+    let model = FewShotModel::new(&vs.root(), &model_config(r))?;
+    if let Some(path) = &c.model.pretrained {
+        model::load_torchvision(&mut vs, path)
+            .with_context(|| format!("loading pretrained weights {}", path.display()))?;
+    }
+    if c.model.freeze_backbone {
+        model::freeze_backbone(&vs);
+    }
+    let shape = EpisodeShape {
+        n_way: c.episode.n_way as usize,
+        k_shot: c.episode.k_shot as usize,
+        n_query: c.episode.n_query as usize,
+    };
+    Ok(Built { vs, model, shape })
+}
+
+/// The dataset folder, creating the built-in dataset on first use.
+pub fn dataset_root(r: &Resolved) -> Result<PathBuf> {
+    match &r.dataset {
+        DatasetSource::Folder(p) => Ok(p.clone()),
+        DatasetSource::Builtin(p) => Ok(data::synth::ensure_builtin(
+            p,
+            &data::synth::SynthOptions::default(),
+        )?),
+    }
+}
+
+pub fn loader_config(r: &Resolved, augment: bool) -> LoaderConfig {
+    LoaderConfig {
+        workers: r.workers,
+        prefetch: r.config.data.prefetch,
+        transform: TransformConfig {
+            image_size: r.config.data.image_size as u32,
+            augment,
+        },
+        seed: r.config.run.seed,
+    }
+}
+
+/// Opens a split and checks up front that it can hold the episode (a clear error now beats one
+/// in the middle of epoch 3).
+pub fn open_split(root: &Path, split: Split, shape: EpisodeShape) -> Result<Arc<SplitIndex>> {
+    let index = data::open_split(root, split)?;
+    data::sample_episode(&index, shape, 0, 0, 0)?;
+    Ok(Arc::new(index))
+}
+
+/// Trains, validates every epoch, keeps the best, then tests it. Writes into the run folder:
+/// config.toml, metrics.jsonl, best/last weights, curves.png, summary.json, test.json.
+pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
+    let c = &r.config;
+    let out = &c.run.output;
+    files::prepare_output(out)?;
+    files::write_atomic(&out.join(CONFIG_FILE), c.to_toml().as_bytes())?;
+    let root = dataset_root(r)?;
+    let Built { vs, model, shape } = build(r)?;
+    let base = open_split(&root, Split::Base, shape)?;
+    let val = open_split(&root, Split::Val, shape)?;
+    let mut opt = optim::build(&c.train, &vs)?;
+    info!(
+        "{} {:?} on {} ({} base / {} val classes), {}-way {}-shot {}-query, {} px, {} episodes/epoch × {} epochs, device {:?}",
+        c.model.method.official_name(),
+        c.model.backbone,
+        root.display(),
+        base.classes.len(),
+        val.classes.len(),
+        shape.n_way,
+        shape.k_shot,
+        shape.n_query,
+        c.data.image_size,
+        c.train.episodes_per_epoch,
+        c.train.epochs,
+        r.device
+    );
+
+    let started = Instant::now();
+    let mut metrics = JsonLines::create(&out.join("metrics.jsonl"))?;
+    let mut curves = Curves::default();
+    let mut summary = TrainSummary {
+        steps: 0,
+        epochs_completed: 0,
+        best_val: None,
+        best_epoch: None,
+        test: None,
+        seconds: 0.0,
+    };
+    let target = model::labels(c.episode.n_way, c.episode.n_query).to_device(r.device);
+    let max_steps = if c.train.max_steps == 0 {
+        u64::MAX
+    } else {
+        c.train.max_steps
+    };
+    let total = (c.train.epochs * c.train.episodes_per_epoch).min(max_steps);
+    let progress = Progress::new(total, "train");
+
+    'epochs: for epoch in 0..c.train.epochs {
+        let remaining = max_steps - summary.steps;
+        let episodes = c.train.episodes_per_epoch.min(remaining);
+        let loader = EpisodeLoader::new(
+            base.clone(),
+            shape,
+            loader_config(r, c.data.train_aug),
+            epoch,
+            0..episodes,
+        );
+        let (mut window_loss, mut window_n, mut window_start) = (0.0, 0u64, Instant::now());
+        let (mut epoch_acc, mut epoch_n) = (0.0, 0u64);
+        for batch in loader {
+            let batch = batch?;
+            let x = batch.images.to_device(r.device);
+            let out = model.forward(&x, true);
+            opt.zero_grad();
+            out.loss.backward();
+            opt.step();
+            summary.steps += 1;
+            // Host syncs: reading the loss and accuracy waits for the device.
+            let loss = out.loss.double_value(&[]);
+            anyhow::ensure!(
+                loss.is_finite(),
+                "the loss became {loss} at step {}; lower --learning-rate",
+                summary.steps
+            );
+            let acc = 100.0
+                * f64::try_from(
+                    out.logits
+                        .argmax(-1, false)
+                        .eq_tensor(&target)
+                        .to_kind(tch::Kind::Float)
+                        .mean(tch::Kind::Float),
+                )?;
+            window_loss += loss;
+            window_n += 1;
+            epoch_acc += acc;
+            epoch_n += 1;
+            progress.step(format!("epoch {epoch} loss {loss:.3}"));
+            let last_of_epoch = batch.index + 1 == episodes;
+            if summary.steps % c.train.log_every == 0 || last_of_epoch {
+                let eps = window_n as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+                let mean_loss = window_loss / window_n as f64;
+                metrics.write(&Metric::Train {
+                    epoch,
+                    step: summary.steps,
+                    loss: mean_loss,
+                    acc: epoch_acc / epoch_n as f64,
+                    episodes_per_s: eps,
+                })?;
+                curves.loss.push((summary.steps as f64, mean_loss));
+                (window_loss, window_n, window_start) = (0.0, 0, Instant::now());
+            }
+        }
+        if epoch_n > 0 {
+            curves
+                .train_acc
+                .push((epoch as f64, epoch_acc / epoch_n as f64));
+        }
+        // Validation (the official val_loop): eval mode, fixed episodes, keep the best.
+        let vprog = Progress::new(c.train.val_episodes, "val");
+        let acc = evaluate(
+            &model,
+            val.clone(),
+            shape,
+            loader_config(r, false),
+            VAL_EPOCH,
+            c.train.val_episodes,
+            r.device,
+            || vprog.step(String::new()),
+        )?;
+        vprog.finish();
+        let best = summary.best_val.as_ref().is_none_or(|b| acc.mean > b.mean);
+        progress.println(&format!(
+            "epoch {epoch}: {} {}",
+            acc.official_line("Val"),
+            if best { "(best)" } else { "" }
+        ));
+        metrics.write(&Metric::Val {
+            epoch,
+            acc: acc.mean,
+            ci95: acc.ci95,
+            best,
+        })?;
+        curves.val_acc.push((epoch as f64, acc.mean));
+        if best {
+            save_weights(&vs, &out.join(BEST_WEIGHTS))?;
+            summary.best_val = Some(acc);
+            summary.best_epoch = Some(epoch);
+        }
+        summary.epochs_completed = epoch + 1;
+        if summary.steps >= max_steps {
+            break 'epochs;
+        }
+    }
+    progress.finish();
+    save_weights(&vs, &out.join(LAST_WEIGHTS))?;
+    if let Some(path) = dump_params {
+        save_weights(&vs, path)?;
+    }
+    plot::plot_curves(
+        &curves,
+        &format!("{} {:?}", c.model.method.official_name(), c.model.backbone),
+        &out.join("curves.png"),
+    )?;
+
+    // Test the best model, as train_test.py does.
+    let mut vs = vs;
+    vs.load(out.join(BEST_WEIGHTS))
+        .context("reloading the best weights")?;
+    let test = test_split(r, &model, &root, shape)?;
+    metrics.write(&Metric::Test {
+        split: c.test.split,
+        episodes: test.episodes,
+        acc: test.mean,
+        ci95: test.ci95,
+    })?;
+    summary.test = Some(test);
+    summary.seconds = started.elapsed().as_secs_f64();
+    write_json(&out.join("summary.json"), &summary)?;
+    Ok(summary)
+}
+
+/// Evaluates `model` on the configured test split and prints the official line.
+pub fn test_split(
+    r: &Resolved,
+    model: &FewShotModel,
+    root: &Path,
+    shape: EpisodeShape,
+) -> Result<Accuracy> {
+    let c = &r.config;
+    let split = open_split(root, c.test.split, shape)?;
+    let prog = Progress::new(c.test.episodes, "test");
+    let acc = evaluate(
+        model,
+        split,
+        shape,
+        loader_config(r, false),
+        TEST_EPOCH,
+        c.test.episodes,
+        r.device,
+        || prog.step(String::new()),
+    )?;
+    prog.finish();
+    println!("{}", acc.official_line("Test"));
+    write_json(
+        &c.run.output.join("test.json"),
+        &serde_json::json!({
+            "split": c.test.split, "episodes": acc.episodes, "acc": acc.mean, "ci95": acc.ci95,
+        }),
+    )?;
+    Ok(acc)
+}

@@ -1,0 +1,123 @@
+//! Training curves as a PNG: loss per logged step on the left, train/validation accuracy per
+//! epoch on the right. The font is embedded so plots render on machines without system fonts.
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use super::files::write_atomic_with;
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The embedded font is a valid TTF; a failure here would only lose the labels.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// The series a run collects for its curves.
+#[derive(Debug, Default, Clone)]
+pub struct Curves {
+    /// (step, mean training loss over the last logging window)
+    pub loss: Vec<(f64, f64)>,
+    /// (epoch, mean training accuracy %)
+    pub train_acc: Vec<(f64, f64)>,
+    /// (epoch, validation accuracy %)
+    pub val_acc: Vec<(f64, f64)>,
+}
+
+fn range(points: &[(f64, f64)], pad: f64) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if points.is_empty() {
+        return (0.0..1.0, 0.0..1.0);
+    }
+    let dy = ((y1 - y0) * pad).max(y1.abs() * pad).max(1e-6);
+    (x0..x1.max(x0 + 1.0), (y0 - dy)..(y1 + dy))
+}
+
+/// Draws `curves` to `path` (PNG, 1200×450), written atomically.
+pub fn plot_curves(curves: &Curves, title: &str, path: &Path) -> Result<()> {
+    register_font();
+    write_atomic_with(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (1200, 450)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+        let root = root
+            .titled(title, ("sans-serif", 20))
+            .map_err(|e| anyhow!("{e}"))?;
+        let (left, right) = root.split_horizontally(600);
+
+        let (xr, yr) = range(&curves.loss, 0.05);
+        let mut chart = ChartBuilder::on(&left)
+            .margin(12)
+            .caption("training loss", ("sans-serif", 16))
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(xr, yr)
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .y_desc("loss")
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .draw_series(LineSeries::new(curves.loss.iter().copied(), &BLUE))
+            .map_err(|e| anyhow!("{e}"))?;
+
+        let all: Vec<_> = curves
+            .train_acc
+            .iter()
+            .chain(&curves.val_acc)
+            .copied()
+            .collect();
+        let (xr, _) = range(&all, 0.05);
+        let mut chart = ChartBuilder::on(&right)
+            .margin(12)
+            .caption("accuracy (%)", ("sans-serif", 16))
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(xr, 0.0..100.0)
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc("accuracy %")
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        for (series, color, label) in [
+            (&curves.train_acc, RED, "train"),
+            (&curves.val_acc, GREEN, "validation"),
+        ] {
+            chart
+                .draw_series(LineSeries::new(
+                    series.iter().copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| anyhow!("{e}"))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+            chart
+                .draw_series(series.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        root.present().map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    })
+}
