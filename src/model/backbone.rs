@@ -1,0 +1,293 @@
+//! Feature extractors: the official Conv4/Conv6/Conv4SNP, the FETI-style ResNets and the
+//! torchvision-layout ResNets. Every variable lives under `feature.` with the official names.
+
+use tch::{nn, Tensor};
+
+use super::layers::{BatchNorm2d, BnMode, Conv2d, ConvInit};
+use super::ModelError;
+use crate::config::Backbone;
+
+/// Official `ConvBlock`: Conv2d(3×3, bias) → BatchNorm2d → ReLU (→ MaxPool2d(2)).
+/// Variables: `C.weight`, `C.bias`, `BN.*` (the official module also registers them as
+/// `trunk.0.*`/`trunk.1.*`; [`super::load_official`] accepts either name).
+#[derive(Debug)]
+struct ConvBlock {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+    pool: bool,
+}
+
+impl ConvBlock {
+    fn new(p: &nn::Path, c_in: i64, c_out: i64, pool: bool, padding: i64) -> Self {
+        let conv = Conv2d::new(
+            &(p / "C"),
+            c_in,
+            c_out,
+            3,
+            1,
+            padding,
+            true,
+            ConvInit::FanOutNormal,
+        );
+        let bn = BatchNorm2d::new(&(p / "BN"), c_out);
+        Self { conv, bn, pool }
+    }
+
+    fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
+        let y = self.bn.forward(&self.conv.forward(x), mode).relu();
+        if self.pool {
+            y.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
+        } else {
+            y
+        }
+    }
+}
+
+/// Official BasicBlock (identical in the FETI and torchvision layouts).
+#[derive(Debug)]
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    downsample: Option<(Conv2d, BatchNorm2d)>,
+}
+
+impl BasicBlock {
+    fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
+        let k = ConvInit::KaimingFanOut;
+        let conv1 = Conv2d::new(&(p / "conv1"), c_in, c_out, 3, stride, 1, false, k);
+        let bn1 = BatchNorm2d::new(&(p / "bn1"), c_out);
+        let conv2 = Conv2d::new(&(p / "conv2"), c_out, c_out, 3, 1, 1, false, k);
+        let bn2 = BatchNorm2d::new(&(p / "bn2"), c_out);
+        let downsample = (stride != 1 || c_in != c_out).then(|| {
+            let d = p / "downsample";
+            (
+                Conv2d::new(&(&d / "0"), c_in, c_out, 1, stride, 0, false, k),
+                BatchNorm2d::new(&(&d / "1"), c_out),
+            )
+        });
+        Self {
+            conv1,
+            bn1,
+            conv2,
+            bn2,
+            downsample,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
+        let out = self.bn1.forward(&self.conv1.forward(x), mode).relu();
+        let out = self.bn2.forward(&self.conv2.forward(&out), mode);
+        let identity = match &self.downsample {
+            Some((c, b)) => b.forward(&c.forward(x), mode),
+            None => x.shallow_clone(),
+        };
+        (out + identity).relu()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResNetStem {
+    /// FETI (simple-cnaps): 5×5 stride 2 padding 1, no max-pool, AdaptiveAvgPool2d(7) at the end.
+    Feti,
+    /// torchvision: 7×7 stride 2 padding 3, MaxPool(3, 2, 1), no pooling at the end.
+    Torchvision,
+}
+
+#[derive(Debug)]
+struct ResNet {
+    stem: ResNetStem,
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    layers: Vec<Vec<BasicBlock>>,
+}
+
+impl ResNet {
+    fn new(p: &nn::Path, blocks: [i64; 4], stem: ResNetStem) -> Self {
+        let k = ConvInit::KaimingFanOut;
+        let conv1 = match stem {
+            ResNetStem::Feti => Conv2d::new(&(p / "conv1"), 3, 64, 5, 2, 1, false, k),
+            ResNetStem::Torchvision => Conv2d::new(&(p / "conv1"), 3, 64, 7, 2, 3, false, k),
+        };
+        let bn1 = BatchNorm2d::new(&(p / "bn1"), 64);
+        let mut c_in = 64;
+        let mut layers = Vec::new();
+        for (i, &n) in blocks.iter().enumerate() {
+            let c_out = 64 << i;
+            let stride = if i == 0 { 1 } else { 2 };
+            let lp = p / format!("layer{}", i + 1);
+            let layer = (0..n)
+                .map(|j| {
+                    let b =
+                        BasicBlock::new(&(&lp / j), c_in, c_out, if j == 0 { stride } else { 1 });
+                    c_in = c_out;
+                    b
+                })
+                .collect();
+            layers.push(layer);
+        }
+        Self {
+            stem,
+            conv1,
+            bn1,
+            layers,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
+        let mut x = self.bn1.forward(&self.conv1.forward(x), mode).relu();
+        if self.stem == ResNetStem::Torchvision {
+            x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        }
+        for layer in &self.layers {
+            for b in layer {
+                x = b.forward(&x, mode);
+            }
+        }
+        match self.stem {
+            ResNetStem::Feti => x.adaptive_avg_pool2d([7, 7]),
+            ResNetStem::Torchvision => x,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Net {
+    Conv {
+        blocks: Vec<ConvBlock>,
+        first_channel_only: bool,
+    },
+    ResNet(ResNet),
+}
+
+/// A backbone: (N, 3, S, S) → (N, C, H, W) feature maps (flattened by the caller when the
+/// head needs vectors).
+#[derive(Debug)]
+pub struct FeatureNet {
+    net: Net,
+    /// Output map shape [C, H, W] at the configured image size.
+    out_shape: [i64; 3],
+}
+
+fn conv_out(s: i64, k: i64, stride: i64, pad: i64) -> i64 {
+    (s + 2 * pad - k).div_euclid(stride) + 1
+}
+
+/// Output map shape of `backbone` for an `s`×`s` input, or None when some layer would produce
+/// an empty map.
+pub fn output_shape(backbone: Backbone, s: i64) -> Option<[i64; 3]> {
+    let ok = |v: i64| (v >= 1).then_some(v);
+    let conv_side = |depth: usize, snp: bool| -> Option<i64> {
+        let mut v = s;
+        for i in 0..depth {
+            let (pad, pool) = if snp {
+                (if i < 2 { 0 } else { 1 }, i < 2)
+            } else {
+                (1, i < 4)
+            };
+            v = ok(conv_out(v, 3, 1, pad))?;
+            if pool {
+                v = ok(v / 2)?;
+            }
+        }
+        Some(v)
+    };
+    match backbone {
+        Backbone::Conv4 => conv_side(4, false).map(|v| [64, v, v]),
+        Backbone::Conv6 => conv_side(6, false).map(|v| [64, v, v]),
+        Backbone::Conv4Snp => conv_side(4, true).map(|v| [64, v, v]),
+        Backbone::ResNet10 | Backbone::ResNet12 | Backbone::ResNet18 | Backbone::ResNet34 => {
+            let mut v = ok(conv_out(s, 5, 2, 1))?;
+            for _ in 0..3 {
+                v = ok(conv_out(v, 3, 2, 1))?;
+            }
+            Some([512, 7, 7]).filter(|_| v >= 1)
+        }
+        Backbone::TvResNet18 | Backbone::TvResNet34 => {
+            let mut v = ok(conv_out(s, 7, 2, 3))?;
+            v = ok(conv_out(v, 3, 2, 1))?;
+            for _ in 0..3 {
+                v = ok(conv_out(v, 3, 2, 1))?;
+            }
+            Some([512, v, v])
+        }
+    }
+}
+
+impl FeatureNet {
+    /// Builds the backbone under `p` (the caller passes `root / "feature"`).
+    pub fn new(p: &nn::Path, backbone: Backbone, image_size: i64) -> Result<Self, ModelError> {
+        let out_shape = output_shape(backbone, image_size).ok_or(ModelError::ImageTooSmall {
+            backbone,
+            image_size,
+            min: backbone.min_image_size(),
+        })?;
+        let conv = |depth: usize, snp: bool| {
+            let trunk = p / "trunk";
+            let blocks = (0..depth)
+                .map(|i| {
+                    let c_in = if i > 0 {
+                        64
+                    } else if snp {
+                        1
+                    } else {
+                        3
+                    };
+                    let (pad, pool) = if snp {
+                        (if i < 2 { 0 } else { 1 }, i < 2)
+                    } else {
+                        (1, i < 4)
+                    };
+                    ConvBlock::new(&(&trunk / i), c_in, 64, pool, pad)
+                })
+                .collect();
+            Net::Conv {
+                blocks,
+                first_channel_only: snp,
+            }
+        };
+        let net = match backbone {
+            Backbone::Conv4 => conv(4, false),
+            Backbone::Conv6 => conv(6, false),
+            Backbone::Conv4Snp => conv(4, true),
+            Backbone::ResNet10 => Net::ResNet(ResNet::new(p, [1, 1, 1, 1], ResNetStem::Feti)),
+            Backbone::ResNet12 => Net::ResNet(ResNet::new(p, [2, 1, 1, 1], ResNetStem::Feti)),
+            Backbone::ResNet18 => Net::ResNet(ResNet::new(p, [2, 2, 2, 2], ResNetStem::Feti)),
+            Backbone::ResNet34 => Net::ResNet(ResNet::new(p, [3, 4, 6, 3], ResNetStem::Feti)),
+            Backbone::TvResNet18 => {
+                Net::ResNet(ResNet::new(p, [2, 2, 2, 2], ResNetStem::Torchvision))
+            }
+            Backbone::TvResNet34 => {
+                Net::ResNet(ResNet::new(p, [3, 4, 6, 3], ResNetStem::Torchvision))
+            }
+        };
+        Ok(Self { net, out_shape })
+    }
+
+    /// Output map shape [C, H, W] for the configured image size.
+    pub fn out_shape(&self) -> [i64; 3] {
+        self.out_shape
+    }
+
+    /// (N, 3, S, S) → (N, C, H, W). One call is one BatchNorm batch.
+    pub fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
+        match &self.net {
+            Net::Conv {
+                blocks,
+                first_channel_only,
+            } => {
+                let mut y = if *first_channel_only {
+                    x.narrow(1, 0, 1)
+                } else {
+                    x.shallow_clone()
+                };
+                for b in blocks {
+                    y = b.forward(&y, mode);
+                }
+                y
+            }
+            Net::ResNet(r) => r.forward(x, mode),
+        }
+    }
+}
