@@ -1,7 +1,7 @@
 //! The built-in procedural dataset (`fsct-dist data synth`), in the official JSON format.
 //!
 //! A class is a composition drawn from its seed: a shape (8 kinds), a texture (6 kinds) and a
-//! two-colour palette. Classes take distinct (shape, texture) pairs while there are enough (48),
+//! two-colour palette (hues from six families, so colour alone does not identify a class). Classes take distinct (shape, texture) pairs while there are enough (48),
 //! so novel classes are new combinations of primitives seen in base training. Instances vary in
 //! position, size, rotation, texture phase and frequency, colour, background (hue, gradient,
 //! noise) and an occasional distractor blob, so a novel class is learnable from a few shots but
@@ -109,8 +109,10 @@ fn class_specs(opts: &SynthOptions) -> Vec<ClassSpec> {
         .map(|i| {
             let mut r = keyed_rng(opts.seed, i as u64 + 1, 0, DOMAIN_CLASS);
             let (shape, texture) = combos[i % combos.len()];
-            // Hues spread by the golden ratio so neighbours differ, jittered by the seed.
-            let hue = (i as f32 * 0.618_034 + r.random::<f32>() * 0.2).fract();
+            // Hues come from six families, so several classes share a colour and only their
+            // shape or texture tells them apart.
+            let hue = (r.random_range(0..6) as f32 / 6.0 + r.random_range(-0.04f32..0.04))
+                .rem_euclid(1.0);
             let hue2 = (hue + r.random_range(0.25f32..0.75)).fract();
             ClassSpec {
                 name: format!("c{i:03}_{}_{}", SHAPES[shape], TEXTURES[texture]),
@@ -203,7 +205,7 @@ fn render(opts: &SynthOptions, spec: &ClassSpec, c: usize, image: usize) -> Vec<
     let rot: f32 = r.random_range(0.0..2.0 * PI);
     let phase: f32 = r.random_range(0.0..2.0 * PI);
     let freq = spec.freq * r.random_range(0.85f32..1.15);
-    let jitter = |r: &mut rand_chacha::ChaCha8Rng| r.random_range(-0.03f32..0.03);
+    let jitter = |r: &mut rand_chacha::ChaCha8Rng| r.random_range(-0.05f32..0.05);
     let ca = hsv(
         spec.hue + jitter(&mut r),
         r.random_range(0.6..1.0),
