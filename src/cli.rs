@@ -15,6 +15,8 @@ use crate::config::{Backbone, ConfigError, Method, Optimizer, RunConfig, Split};
     about = "Few-Shot Cosine Transformer trainer (CPU, or MPI ranks on GPUs)"
 )]
 #[command(after_help = "Start with: fsct-dist train --config configs/quickstart.toml")]
+// A flag given twice: the last one wins (scripts append overrides), and in subcommands too.
+#[command(args_override_self = true)]
 pub struct Cli {
     /// Log lines as text (default) or JSON objects.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -56,8 +58,8 @@ pub enum DataCommand {
         #[arg(long)]
         out: PathBuf,
         /// Classes in the base, val and novel splits.
-        #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [16usize, 8, 8])]
-        classes: Vec<usize>,
+        #[arg(long, value_parser = parse_three, default_value = "16,8,8")]
+        classes: [usize; 3],
         #[arg(long, default_value_t = 30)]
         images_per_class: usize,
         /// Image side in pixels.
@@ -162,6 +164,17 @@ pub struct RunArgs {
     /// Resolve and print the configuration, then exit without training.
     #[arg(long = "dry-run")]
     pub dry_run: bool,
+}
+
+/// `B,V,N`: three counts, for the base, val and novel splits.
+fn parse_three(s: &str) -> Result<[usize; 3], String> {
+    let parts: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("`{s}`: {e}"))?;
+    <[usize; 3]>::try_from(parts)
+        .map_err(|_| format!("`{s}` must be three counts like 16,8,8 (base,val,novel)"))
 }
 
 fn parse_flag01(s: &str) -> Result<bool, String> {
@@ -374,6 +387,12 @@ mod tests {
             (7, 3, 9)
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_repeated_flag_takes_the_last_value() {
+        let a = parse(&["--n-way", "3", "--n_way", "4"]);
+        assert_eq!(a.n_way, Some(4));
     }
 
     #[test]

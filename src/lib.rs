@@ -37,7 +37,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             seed,
         }) => {
             let opts = data::SynthOptions {
-                classes: [classes[0], classes[1], classes[2]],
+                classes,
                 images_per_class,
                 size,
                 seed,

@@ -1,0 +1,210 @@
+//! The real binary, end to end, in temp folders: a tiny training run and its files, the test
+//! command, dataset tools, and the messages users see for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fsct(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fsct-dist"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A user error: exit code 1, a message, never a panic trace.
+fn assert_user_error(o: &Output, needle: &str) {
+    let all = text(o);
+    assert_eq!(o.status.code(), Some(1), "exit code for:\n{all}");
+    assert!(all.contains(needle), "expected {needle:?} in:\n{all}");
+    assert!(
+        !all.contains("panicked"),
+        "a panic reached the user:\n{all}"
+    );
+}
+
+fn tiny_dataset(dir: &Path) {
+    let o = fsct(
+        &[
+            "data",
+            "synth",
+            "--out",
+            "ds",
+            "--classes",
+            "6,5,5",
+            "--images-per-class",
+            "8",
+            "--size",
+            "32",
+        ],
+        dir,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+const TINY: &[&str] = &[
+    "--dataset",
+    "ds",
+    "--image-size",
+    "32",
+    "--n-way",
+    "3",
+    "--k-shot",
+    "2",
+    "--n-query",
+    "2",
+    "--epochs",
+    "2",
+    "--episodes-per-epoch",
+    "3",
+    "--val-episodes",
+    "4",
+    "--test-iter",
+    "6",
+    "--workers",
+    "2",
+    "--threads",
+    "1",
+];
+
+#[test]
+fn train_writes_the_run_files_and_test_reproduces_its_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_dataset(dir.path());
+    let mut args = vec!["train", "--output", "run"];
+    args.extend_from_slice(TINY);
+    let o = fsct(&args, dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let run = dir.path().join("run");
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "best.safetensors",
+        "last.safetensors",
+        "curves.png",
+        "summary.json",
+        "test.json",
+    ] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+    let lines: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["train", "val", "train", "val", "test"]);
+    assert_eq!(lines[2]["step"], 6);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("6 Test Acc = "))
+        .expect("official test line");
+    assert!(line.ends_with('%'), "{line}");
+
+    // The saved config reproduces the run's settings; `test --run` evaluates the best weights on
+    // the same test episodes, so it prints the same line.
+    let o = fsct(&["test", "--run", "run"], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l == line),
+        "test --run: {}",
+        text(&o)
+    );
+}
+
+#[test]
+fn every_shipped_config_resolves() {
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&configs).unwrap() {
+        let path = entry.unwrap().path();
+        let o = fsct(
+            &[
+                "train",
+                "--config",
+                path.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--dry-run",
+            ],
+            &configs,
+        );
+        assert!(o.status.success(), "{}: {}", path.display(), text(&o));
+        n += 1;
+    }
+    assert!(n >= 10, "expected the published settings, found {n}");
+}
+
+#[test]
+fn bad_input_gets_one_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("typo.toml"), "[train]\nepoch = 3\n").unwrap();
+    assert_user_error(
+        &fsct(&["train", "--config", "typo.toml", "--dry-run"], d),
+        "did you mean `epochs`",
+    );
+    assert_user_error(
+        &fsct(&["train", "--config", "missing.toml"], d),
+        "missing.toml",
+    );
+    assert_user_error(&fsct(&["train", "--n-way", "1", "--dry-run"], d), "n_way");
+    assert_user_error(
+        &fsct(&["train", "--device", "cuda", "--dry-run"], d),
+        "--device cpu",
+    );
+    assert_user_error(
+        &fsct(
+            &["train", "--dataset", "no/such/folder", "--output", "o"],
+            d,
+        ),
+        "no/such/folder",
+    );
+    assert_user_error(
+        &fsct(&["test", "--run", "nothing-here"], d),
+        "not a finished training run",
+    );
+
+    tiny_dataset(d);
+    // 6 base classes cannot make a 7-way episode: the message says how many there are.
+    let mut args = vec!["train", "--output", "o2"];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(&["--n-way", "7"]);
+    assert_user_error(&fsct(&args, d), "6");
+}
+
+#[test]
+fn data_check_reports_a_corrupt_image() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_dataset(dir.path());
+    let o = fsct(&["data", "check", "ds"], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    // Corrupt one image of the novel split.
+    let novel: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("ds/novel.json")).unwrap())
+            .unwrap();
+    let first = novel["image_names"][0].as_str().unwrap();
+    let path = if Path::new(first).is_absolute() {
+        first.into()
+    } else {
+        dir.path().join("ds").join(first)
+    };
+    std::fs::write(&path, b"not a png").unwrap();
+    let o = fsct(&["data", "check", "ds"], dir.path());
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(text(&o).contains(&name), "names the file: {}", text(&o));
+}
