@@ -44,9 +44,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// A run folder written by `train` (its config and best weights are used).
+    /// A run folder written by `train` (its config and best weights are used). Without it, the
+    /// model comes from the flags and `--official FILE`.
     #[arg(long)]
-    pub run: PathBuf,
+    pub run: Option<PathBuf>,
     #[command(flatten)]
     pub overrides: RunArgs,
 }
@@ -158,6 +159,10 @@ pub struct RunArgs {
     pub pretrained: Option<PathBuf>,
     #[arg(long = "freeze-backbone")]
     pub freeze_backbone: bool,
+    /// Start from (train) or evaluate (test) an official FS-CT state_dict saved as safetensors
+    /// with the official parameter names.
+    #[arg(long)]
+    pub official: Option<PathBuf>,
     /// Write the final parameters and BatchNorm buffers to this safetensors file.
     #[arg(long = "dump-params")]
     pub dump_params: Option<PathBuf>,
@@ -219,6 +224,9 @@ impl RunArgs {
             c.model.pretrained = self.pretrained.clone();
         }
         c.model.freeze_backbone |= self.freeze_backbone;
+        if self.official.is_some() {
+            c.model.official = self.official.clone();
+        }
         if let Some(feti) = self.feti {
             c.model.backbone = with_feti(c.model.backbone, feti);
         }

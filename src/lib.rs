@@ -65,27 +65,40 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// `fsct-dist test --run DIR`: the run's own config (flags may override), its best weights.
+/// `fsct-dist test`: a finished run (its config, flags may override, its best weights), or a
+/// model from the flags with `--official FILE`.
 fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
-    let config_file = args.run.join(train::CONFIG_FILE);
-    let weights = args.run.join(train::BEST_WEIGHTS);
-    anyhow::ensure!(
-        config_file.is_file() && weights.is_file(),
-        "{} is not a finished training run (it needs {} and {}); pass the --output folder of `fsct-dist train`",
-        args.run.display(),
-        train::CONFIG_FILE,
-        train::BEST_WEIGHTS
-    );
-    let mut config = config::RunConfig::from_file(&config_file)?;
-    config.run.output = args.run.clone();
+    let (mut config, weights) = match &args.run {
+        Some(run) => {
+            let config_file = run.join(train::CONFIG_FILE);
+            let weights = run.join(train::BEST_WEIGHTS);
+            anyhow::ensure!(
+                config_file.is_file() && weights.is_file(),
+                "{} is not a finished training run (it needs {} and {}); pass the --output folder of `fsct-dist train`",
+                run.display(),
+                train::CONFIG_FILE,
+                train::BEST_WEIGHTS
+            );
+            let mut config = config::RunConfig::from_file(&config_file)?;
+            config.run.output = run.clone();
+            (config, Some(weights))
+        }
+        None => {
+            anyhow::ensure!(
+                args.overrides.official.is_some(),
+                "nothing to test: pass --run DIR (a training run) or --official FILE (an official checkpoint)"
+            );
+            (args.overrides.to_config()?, None)
+        }
+    };
     args.overrides.apply(&mut config);
     let resolved = config.resolve()?;
+    train::files::prepare_output(&resolved.config.run.output)?;
     let root = train::dataset_root(&resolved)?;
     let mut built = train::build(&resolved)?;
-    built
-        .vs
-        .load(&weights)
-        .map_err(|e| anyhow::anyhow!("{} does not fit this model: {e}", weights.display()))?;
+    if let Some(weights) = weights {
+        built.vs.load(&weights).map_err(|e| anyhow::anyhow!("{} does not fit this model: {e}", weights.display()))?;
+    }
     train::test_split(&resolved, &built.model, &root, built.shape)?;
     Ok(ExitCode::SUCCESS)
 }

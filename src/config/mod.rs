@@ -98,6 +98,8 @@ pub struct ModelSection {
     pub pretrained: Option<PathBuf>,
     /// Keep backbone weights fixed (only the head trains).
     pub freeze_backbone: bool,
+    /// An official FS-CT state_dict (safetensors, official names) to start from.
+    pub official: Option<PathBuf>,
 }
 
 impl Default for ModelSection {
@@ -115,6 +117,7 @@ impl Default for ModelSection {
             lambda_c: 0.0,
             pretrained: None,
             freeze_backbone: false,
+            official: None,
         }
     }
 }

@@ -28,6 +28,17 @@ use progress::Progress;
 pub const CONFIG_FILE: &str = "config.toml";
 pub const BEST_WEIGHTS: &str = "best.safetensors";
 pub const LAST_WEIGHTS: &str = "last.safetensors";
+pub const STATE_FILE: &str = "state.json";
+
+/// Written beside `last.safetensors` after every epoch: where the run is and what it reached.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunState {
+    pub epoch: u64,
+    pub step: u64,
+    pub best_val: Option<Accuracy>,
+    pub best_epoch: Option<u64>,
+    pub config: crate::config::RunConfig,
+}
 
 /// Where training stopped and what it reached.
 #[derive(Debug, Clone, Serialize)]
@@ -106,6 +117,11 @@ pub fn build(r: &Resolved) -> Result<Built> {
         model::load_torchvision(&mut vs, path)
             .with_context(|| format!("loading pretrained weights {}", path.display()))?;
     }
+    if let Some(path) = &c.model.official {
+        let report = model::load_official(&mut vs, path)
+            .with_context(|| format!("loading the official checkpoint {}", path.display()))?;
+        info!("loaded {} tensors from {}", report.loaded.len(), path.display());
+    }
     if c.model.freeze_backbone {
         model::freeze_backbone(&vs);
     }
@@ -155,6 +171,7 @@ pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
     let out = &c.run.output;
     files::prepare_output(out)?;
     files::write_atomic(&out.join(CONFIG_FILE), c.to_toml().as_bytes())?;
+    info!("effective config (saved as {}):\n{}", out.join(CONFIG_FILE).display(), c.to_toml());
     let root = dataset_root(r)?;
     let Built { vs, model, shape } = build(r)?;
     let base = open_split(&root, Split::Base, shape)?;
@@ -288,12 +305,13 @@ pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
             summary.best_epoch = Some(epoch);
         }
         summary.epochs_completed = epoch + 1;
+        save_weights(&vs, &out.join(LAST_WEIGHTS))?;
+        write_json(&out.join(STATE_FILE), &RunState { epoch, step: summary.steps, best_val: summary.best_val.clone(), best_epoch: summary.best_epoch, config: c.clone() })?;
         if summary.steps >= max_steps {
             break 'epochs;
         }
     }
     progress.finish();
-    save_weights(&vs, &out.join(LAST_WEIGHTS))?;
     if let Some(path) = dump_params {
         save_weights(&vs, path)?;
     }
