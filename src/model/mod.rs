@@ -298,7 +298,11 @@ impl FewShotModel {
             queries.end - queries.start,
         );
         let ce = if queries.end - queries.start == total {
-            logits.cross_entropy_for_logits(&target)
+            // log_softmax + nll_loss (mean) as torch's cross_entropy; tch's
+            // `cross_entropy_for_logits` would compute in f32 whatever the input kind.
+            logits
+                .log_softmax(-1, logits.kind())
+                .nll_loss_nd::<&Tensor>(&target, None, tch::Reduction::Mean, -100)
         } else if queries.start == queries.end {
             Tensor::zeros([], (logits.kind(), logits.device()))
         } else {
