@@ -68,12 +68,11 @@ impl RunConfig {
         }
         validate(&c)?;
         let micro_steps = micro_steps(c.train.gradient_accumulation_steps, c.model.backbone);
-        if micro_steps > 1 {
-            // Exact micro-steps (recompute with the embedding gradient) arrive with the step
-            // engine; until then refuse rather than silently change the objective.
+        let images = c.episode.n_way * (c.episode.k_shot + c.episode.n_query);
+        if micro_steps as i64 > images {
             return Err(invalid(
                 "gradient_accumulation_steps",
-                format!("{micro_steps} micro-steps are not supported yet; use 1"),
+                format!("{micro_steps} micro-steps for an episode of {images} images leave empty groups; use at most {images}"),
             ));
         }
         let workers = match c.data.workers {

@@ -6,6 +6,7 @@ pub mod files;
 mod optim;
 pub mod plot;
 mod progress;
+pub mod step;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,7 +121,11 @@ pub fn build(r: &Resolved) -> Result<Built> {
     if let Some(path) = &c.model.official {
         let report = model::load_official(&mut vs, path)
             .with_context(|| format!("loading the official checkpoint {}", path.display()))?;
-        info!("loaded {} tensors from {}", report.loaded.len(), path.display());
+        info!(
+            "loaded {} tensors from {}",
+            report.loaded.len(),
+            path.display()
+        );
     }
     if c.model.freeze_backbone {
         model::freeze_backbone(&vs);
@@ -171,7 +176,11 @@ pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
     let out = &c.run.output;
     files::prepare_output(out)?;
     files::write_atomic(&out.join(CONFIG_FILE), c.to_toml().as_bytes())?;
-    info!("effective config (saved as {}):\n{}", out.join(CONFIG_FILE).display(), c.to_toml());
+    info!(
+        "effective config (saved as {}):\n{}",
+        out.join(CONFIG_FILE).display(),
+        c.to_toml()
+    );
     let root = dataset_root(r)?;
     let Built { vs, model, shape } = build(r)?;
     let base = open_split(&root, Split::Base, shape)?;
@@ -193,6 +202,16 @@ pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
         r.device
     );
 
+    if r.micro_steps > 1 {
+        let groups = step::balanced_groups(shape.total() as i64, r.micro_steps as i64);
+        let sizes: Vec<i64> = groups.iter().map(|g| g.end - g.start).collect();
+        info!(
+            "{} micro-steps: the episode's {} images run as BatchNorm groups of {:?} (each its own BN batch; 1 = the official single batch)",
+            r.micro_steps,
+            shape.total(),
+            sizes
+        );
+    }
     let started = Instant::now();
     let mut metrics = JsonLines::create(&out.join("metrics.jsonl"))?;
     let mut curves = Curves::default();
@@ -228,9 +247,9 @@ pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
         for batch in loader {
             let batch = batch?;
             let x = batch.images.to_device(r.device);
-            let out = model.forward(&x, true);
+            let flat = x.flatten(0, 1);
             opt.zero_grad();
-            out.loss.backward();
+            let out = step::forward_backward(&model, &flat, r.micro_steps as i64, 1.0);
             opt.step();
             summary.steps += 1;
             // Host syncs: reading the loss and accuracy waits for the device.
@@ -306,7 +325,16 @@ pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
         }
         summary.epochs_completed = epoch + 1;
         save_weights(&vs, &out.join(LAST_WEIGHTS))?;
-        write_json(&out.join(STATE_FILE), &RunState { epoch, step: summary.steps, best_val: summary.best_val.clone(), best_epoch: summary.best_epoch, config: c.clone() })?;
+        write_json(
+            &out.join(STATE_FILE),
+            &RunState {
+                epoch,
+                step: summary.steps,
+                best_val: summary.best_val.clone(),
+                best_epoch: summary.best_epoch,
+                config: c.clone(),
+            },
+        )?;
         if summary.steps >= max_steps {
             break 'epochs;
         }

@@ -1,0 +1,139 @@
+//! Micro-steps are exact: the recompute-with-embedding-gradient step gives the gradient of one
+//! plain forward/backward over the same BatchNorm groups, and the same running statistics.
+
+use fsct_dist::config::{Backbone, Method};
+use fsct_dist::model::{BnMode, FewShotModel, ModelConfig};
+use fsct_dist::train::step::{balanced_groups, forward_backward};
+use tch::{nn, Device, Kind, Tensor};
+
+const N_WAY: i64 = 3;
+const K_SHOT: i64 = 2;
+const N_QUERY: i64 = 3; // 15 images: uneven groups for M = 2 (8, 7) and M = 4 (4, 4, 4, 3)
+const SIZE: i64 = 20;
+
+fn build(method: Method, seed: i64) -> (nn::VarStore, FewShotModel) {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut cfg = ModelConfig::new(method, Backbone::Conv4, N_WAY, K_SHOT, N_QUERY, SIZE);
+    (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 8, 16);
+    (cfg.lambda_v, cfg.lambda_c) = (0.5, 0.1); // the VIC terms backpropagate through the support rows too
+    let model = FewShotModel::new(&vs.root(), &cfg).unwrap();
+    (vs, model)
+}
+
+/// The reference: each group one BatchNorm batch, all in one autograd graph, one backward.
+fn plain_backward_over_groups(model: &FewShotModel, x: &Tensor, m: i64) {
+    let parts: Vec<Tensor> = balanced_groups(x.size()[0], m)
+        .iter()
+        .map(|r| model.embed_t(&x.narrow(0, r.start, r.end - r.start), BnMode::Train))
+        .collect();
+    model.head(&Tensor::cat(&parts, 0)).loss.backward();
+}
+
+/// Per-tensor error ‖a − b‖ / max(‖b‖, 1e-3·G), G the norm of all reference gradients.
+fn max_grad_error(a: &nn::VarStore, b: &nn::VarStore) -> (f64, String) {
+    let (va, vb) = (a.variables(), b.variables());
+    let total: f64 = vb
+        .values()
+        .filter(|t| t.grad().defined())
+        .map(|t| {
+            t.grad()
+                .pow_tensor_scalar(2)
+                .sum(Kind::Double)
+                .double_value(&[])
+        })
+        .sum::<f64>()
+        .sqrt();
+    let mut worst = (0.0, String::new());
+    for (name, tb) in &vb {
+        let gb = tb.grad();
+        if !gb.defined() {
+            continue;
+        }
+        let ga = va[name].grad();
+        assert!(ga.defined(), "{name}: no gradient from the micro-step path");
+        let err =
+            (&ga - &gb).norm().double_value(&[]) / gb.norm().double_value(&[]).max(1e-3 * total);
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+    }
+    worst
+}
+
+fn buffers_equal(a: &nn::VarStore, b: &nn::VarStore) -> f64 {
+    let (va, vb) = (a.variables(), b.variables());
+    va.iter()
+        .filter(|(n, _)| n.contains("running_"))
+        .map(|(n, t)| (t - &vb[n]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn micro_steps_equal_one_plain_backward_over_the_same_groups() {
+    let x = Tensor::randn(
+        [N_WAY * (K_SHOT + N_QUERY), 3, SIZE, SIZE],
+        (Kind::Float, Device::Cpu),
+    );
+    for method in [Method::FsctCosine, Method::ProtoNet] {
+        for m in [1, 2, 4] {
+            let (vs_ref, reference) = build(method, 11);
+            plain_backward_over_groups(&reference, &x, m);
+            let (vs, model) = build(method, 11);
+            let out = forward_backward(&model, &x, m, 1.0);
+            assert!(out.loss.double_value(&[]).is_finite());
+            let (err, name) = max_grad_error(&vs, &vs_ref);
+            assert!(
+                err <= 1e-5,
+                "{method:?} M={m}: gradient of {name} differs by {err:.2e}"
+            );
+            let stats = buffers_equal(&vs, &vs_ref);
+            assert!(
+                stats <= 1e-6,
+                "{method:?} M={m}: running statistics differ by {stats:.2e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn batchnorm_groups_change_the_objective() {
+    // Guard against a "micro-step" that silently equals the single-batch gradient: with
+    // per-group statistics the gradient must differ from the one-group gradient.
+    let x = Tensor::randn(
+        [N_WAY * (K_SHOT + N_QUERY), 3, SIZE, SIZE],
+        (Kind::Float, Device::Cpu),
+    );
+    let (vs1, m1) = build(Method::FsctCosine, 5);
+    forward_backward(&m1, &x, 1, 1.0);
+    let (vs4, m4) = build(Method::FsctCosine, 5);
+    forward_backward(&m4, &x, 4, 1.0);
+    let (err, _) = max_grad_error(&vs4, &vs1);
+    assert!(
+        err > 1e-3,
+        "4 BatchNorm groups should change the gradient, got {err:.2e}"
+    );
+}
+
+#[test]
+fn loss_scale_scales_every_gradient() {
+    let x = Tensor::randn(
+        [N_WAY * (K_SHOT + N_QUERY), 3, SIZE, SIZE],
+        (Kind::Float, Device::Cpu),
+    );
+    let (vs_a, a) = build(Method::FsctCosine, 3);
+    forward_backward(&a, &x, 2, 0.5);
+    let (vs_b, b) = build(Method::FsctCosine, 3);
+    forward_backward(&b, &x, 2, 1.0);
+    for t in vs_a.variables().values() {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.g_mul_scalar_(2.0);
+        }
+    }
+    let (err, name) = max_grad_error(&vs_a, &vs_b);
+    assert!(
+        err <= 1e-6,
+        "2 × (gradient at scale 0.5) differs from scale 1 in {name}: {err:.2e}"
+    );
+}
