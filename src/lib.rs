@@ -97,7 +97,10 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
     let root = train::dataset_root(&resolved)?;
     let mut built = train::build(&resolved)?;
     if let Some(weights) = weights {
-        built.vs.load(&weights).map_err(|e| anyhow::anyhow!("{} does not fit this model: {e}", weights.display()))?;
+        built
+            .vs
+            .load(&weights)
+            .map_err(|e| anyhow::anyhow!("{} does not fit this model: {e}", weights.display()))?;
     }
     train::test_split(&resolved, &built.model, &root, built.shape)?;
     Ok(ExitCode::SUCCESS)
