@@ -154,6 +154,9 @@ pub struct RunArgs {
         alias = "gradient_accumulation_steps"
     )]
     pub gradient_accumulation_steps: Option<u64>,
+    /// Optimizer step every K episodes (their gradients averaged).
+    #[arg(long = "episodes-per-step", alias = "episodes_per_step")]
+    pub episodes_per_step: Option<u64>,
     /// Local torchvision ResNet weights (safetensors).
     #[arg(long)]
     pub pretrained: Option<PathBuf>,
@@ -163,6 +166,10 @@ pub struct RunArgs {
     /// with the official parameter names.
     #[arg(long)]
     pub official: Option<PathBuf>,
+    /// Write the gradients of the first optimizer step (before the optimizer) to this
+    /// safetensors file, named like the parameters.
+    #[arg(long = "dump-grads")]
+    pub dump_grads: Option<PathBuf>,
     /// Write the final parameters and BatchNorm buffers to this safetensors file.
     #[arg(long = "dump-params")]
     pub dump_params: Option<PathBuf>,
@@ -242,6 +249,7 @@ impl RunArgs {
             &mut c.train.gradient_accumulation_steps,
             &self.gradient_accumulation_steps,
         );
+        set(&mut c.train.episodes_per_step, &self.episodes_per_step);
         set(&mut c.test.episodes, &self.test_iter);
         set(&mut c.test.split, &self.split);
         set(&mut c.run.seed, &self.seed);

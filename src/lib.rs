@@ -25,7 +25,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", resolved.config.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
-            train::train(&resolved, args.dump_params.as_deref())?;
+            train::train(
+                &resolved,
+                &train::Dumps {
+                    params: args.dump_params.clone(),
+                    grads: args.dump_grads.clone(),
+                },
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Test(args) => test_run(&args),

@@ -137,3 +137,79 @@ fn loss_scale_scales_every_gradient() {
         "2 × (gradient at scale 0.5) differs from scale 1 in {name}: {err:.2e}"
     );
 }
+
+/// `--episodes-per-step 2` through the real training loop (with `--dump-grads`) equals the mean
+/// of the two episodes' gradients computed here one by one from the same initial weights.
+#[test]
+fn episodes_per_step_averages_the_episode_gradients() {
+    use fsct_dist::config::{RunConfig, Split};
+    use fsct_dist::data::{self, synth::SynthOptions};
+    use fsct_dist::train::{self, Dumps};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    data::write_dataset(
+        &ds,
+        &SynthOptions {
+            classes: [4, 3, 3],
+            images_per_class: 6,
+            size: 24,
+            seed: 1,
+        },
+    )
+    .unwrap();
+    let mut c = RunConfig::default();
+    c.data.dataset = ds.to_string_lossy().into_owned();
+    c.data.image_size = 24;
+    (c.episode.n_way, c.episode.k_shot, c.episode.n_query) = (3, 2, 2);
+    (c.model.heads, c.model.dim_head, c.model.mlp_dim) = (2, 8, 16);
+    (
+        c.train.epochs,
+        c.train.episodes_per_epoch,
+        c.train.val_episodes,
+        c.train.max_steps,
+    ) = (1, 2, 1, 1);
+    c.train.episodes_per_step = 2;
+    c.test.episodes = 1;
+    c.run.output = dir.path().join("run");
+    let r = c.resolve().unwrap();
+    let dumped = dir.path().join("grads.safetensors");
+    train::train(
+        &r,
+        &Dumps {
+            grads: Some(dumped.clone()),
+            params: None,
+        },
+    )
+    .unwrap();
+    let dumped: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&dumped)
+        .unwrap()
+        .into_iter()
+        .collect();
+
+    // The same two episodes, one backward each, from the same initial weights.
+    let built = train::build(&r).unwrap();
+    let split = data::open_split(&ds, Split::Base).unwrap();
+    let cfg = train::loader_config(&r, false);
+    for index in 0..2 {
+        let ep = data::load_episode(&split, built.shape, &cfg, 0, index).unwrap();
+        forward_backward(&built.model, &ep.images.flatten(0, 1), 1, 0.5);
+    }
+    let vars = built.vs.variables();
+    let total: f64 = dumped
+        .values()
+        .map(|g| g.pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]))
+        .sum::<f64>()
+        .sqrt();
+    assert!(total > 0.0);
+    assert_eq!(
+        dumped.len(),
+        vars.values().filter(|t| t.grad().defined()).count()
+    );
+    for (name, g) in &dumped {
+        let mine = vars[name].grad();
+        let err =
+            (&mine - g).norm().double_value(&[]) / g.norm().double_value(&[]).max(1e-3 * total);
+        assert!(err <= 1e-5, "{name}: {err:.2e}");
+    }
+}

@@ -217,6 +217,15 @@ fn validate(c: &RunConfig) -> Result<(), ConfigError> {
             "at least 1 validation episode is needed to pick the best model",
         ));
     }
+    if t.episodes_per_step == 0 || t.episodes_per_epoch % t.episodes_per_step != 0 {
+        return Err(invalid(
+            "episodes_per_step",
+            format!(
+                "{} must be at least 1 and divide the {} episodes per epoch",
+                t.episodes_per_step, t.episodes_per_epoch
+            ),
+        ));
+    }
     if t.log_every == 0 {
         return Err(invalid("log_every", "must be at least 1"));
     }

@@ -41,6 +41,15 @@ pub struct RunState {
     pub config: crate::config::RunConfig,
 }
 
+/// Optional tensor dumps for users comparing runs (and for tests).
+#[derive(Debug, Default, Clone)]
+pub struct Dumps {
+    /// Final parameters and BatchNorm buffers.
+    pub params: Option<PathBuf>,
+    /// Gradients of the first optimizer step, before the optimizer.
+    pub grads: Option<PathBuf>,
+}
+
 /// Where training stopped and what it reached.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainSummary {
@@ -171,7 +180,7 @@ pub fn open_split(root: &Path, split: Split, shape: EpisodeShape) -> Result<Arc<
 
 /// Trains, validates every epoch, keeps the best, then tests it. Writes into the run folder:
 /// config.toml, metrics.jsonl, best/last weights, curves.png, summary.json, test.json.
-pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
+pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
     let c = &r.config;
     let out = &c.run.output;
     files::prepare_output(out)?;
@@ -233,8 +242,9 @@ pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
     let progress = Progress::new(total, "train");
 
     'epochs: for epoch in 0..c.train.epochs {
+        let k = c.train.episodes_per_step;
         let remaining = max_steps - summary.steps;
-        let episodes = c.train.episodes_per_epoch.min(remaining);
+        let episodes = c.train.episodes_per_epoch.min(remaining.saturating_mul(k));
         let loader = EpisodeLoader::new(
             base.clone(),
             shape,
@@ -242,55 +252,50 @@ pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
             epoch,
             0..episodes,
         );
-        let (mut window_loss, mut window_n, mut window_start) = (0.0, 0u64, Instant::now());
-        let (mut epoch_acc, mut epoch_n) = (0.0, 0u64);
+        let mut stats = EpochStats::new();
         for batch in loader {
             let batch = batch?;
-            let x = batch.images.to_device(r.device);
-            let flat = x.flatten(0, 1);
-            opt.zero_grad();
-            let out = step::forward_backward(&model, &flat, r.micro_steps as i64, 1.0);
-            opt.step();
-            summary.steps += 1;
-            // Host syncs: reading the loss and accuracy waits for the device.
-            let loss = out.loss.double_value(&[]);
+            let flat = batch.images.to_device(r.device).flatten(0, 1);
+            if batch.index % k == 0 {
+                opt.zero_grad();
+            }
+            let out = step::forward_backward(&model, &flat, r.micro_steps as i64, 1.0 / k as f64);
+            // Host sync: reading the loss waits for the device.
+            let loss = stats.add(&out, &target);
             anyhow::ensure!(
                 loss.is_finite(),
-                "the loss became {loss} at step {}; lower --learning-rate",
+                "the loss became {loss} in epoch {epoch}, episode {} (after {} optimizer steps); lower --learning-rate",
+                batch.index,
                 summary.steps
             );
-            let acc = 100.0
-                * f64::try_from(
-                    out.logits
-                        .argmax(-1, false)
-                        .eq_tensor(&target)
-                        .to_kind(tch::Kind::Float)
-                        .mean(tch::Kind::Float),
-                )?;
-            window_loss += loss;
-            window_n += 1;
-            epoch_acc += acc;
-            epoch_n += 1;
-            progress.step(format!("epoch {epoch} loss {loss:.3}"));
-            let last_of_epoch = batch.index + 1 == episodes;
-            if summary.steps % c.train.log_every == 0 || last_of_epoch {
-                let eps = window_n as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
-                let mean_loss = window_loss / window_n as f64;
+            progress.step(format!(
+                "epoch {epoch} step {} loss {loss:.3}",
+                summary.steps
+            ));
+            if (batch.index + 1) % k != 0 {
+                continue; // gradients wait for the rest of this step's episodes
+            }
+            if summary.steps == 0 {
+                if let Some(path) = &dumps.grads {
+                    save_grads(&vs, path)?;
+                }
+            }
+            opt.step();
+            summary.steps += 1;
+            if summary.steps % c.train.log_every == 0 || batch.index + 1 == episodes {
+                let (loss, acc, episodes_per_s) = stats.take_window();
                 metrics.write(&Metric::Train {
                     epoch,
                     step: summary.steps,
-                    loss: mean_loss,
-                    acc: epoch_acc / epoch_n as f64,
-                    episodes_per_s: eps,
+                    loss,
+                    acc,
+                    episodes_per_s,
                 })?;
-                curves.loss.push((summary.steps as f64, mean_loss));
-                (window_loss, window_n, window_start) = (0.0, 0, Instant::now());
+                curves.loss.push((summary.steps as f64, loss));
             }
         }
-        if epoch_n > 0 {
-            curves
-                .train_acc
-                .push((epoch as f64, epoch_acc / epoch_n as f64));
+        if let Some(acc) = stats.epoch_acc() {
+            curves.train_acc.push((epoch as f64, acc));
         }
         // Validation (the official val_loop): eval mode, fixed episodes, keep the best.
         let vprog = Progress::new(c.train.val_episodes, "val");
@@ -340,7 +345,7 @@ pub fn train(r: &Resolved, dump_params: Option<&Path>) -> Result<TrainSummary> {
         }
     }
     progress.finish();
-    if let Some(path) = dump_params {
+    if let Some(path) = &dumps.params {
         save_weights(&vs, path)?;
     }
     plot::plot_curves(
@@ -395,4 +400,67 @@ pub fn test_split(
         }),
     )?;
     Ok(acc)
+}
+
+/// Running means for the metrics: a logging window (loss, speed) and the epoch (accuracy).
+struct EpochStats {
+    window_loss: f64,
+    window_n: u64,
+    window_start: Instant,
+    acc_sum: f64,
+    acc_n: u64,
+}
+
+impl EpochStats {
+    fn new() -> Self {
+        Self {
+            window_loss: 0.0,
+            window_n: 0,
+            window_start: Instant::now(),
+            acc_sum: 0.0,
+            acc_n: 0,
+        }
+    }
+
+    /// Records one episode; returns its loss.
+    fn add(&mut self, out: &model::HeadOutput, target: &tch::Tensor) -> f64 {
+        let loss = out.loss.double_value(&[]);
+        let hits = out
+            .logits
+            .argmax(-1, false)
+            .eq_tensor(target)
+            .to_kind(tch::Kind::Float);
+        self.acc_sum += 100.0 * hits.mean(tch::Kind::Float).double_value(&[]);
+        self.acc_n += 1;
+        self.window_loss += loss;
+        self.window_n += 1;
+        loss
+    }
+
+    /// (mean loss, epoch accuracy so far, episodes/s) of the window, which then restarts.
+    fn take_window(&mut self) -> (f64, f64, f64) {
+        let n = self.window_n.max(1) as f64;
+        let speed = n / self.window_start.elapsed().as_secs_f64().max(1e-9);
+        let out = (
+            self.window_loss / n,
+            self.acc_sum / self.acc_n.max(1) as f64,
+            speed,
+        );
+        (self.window_loss, self.window_n, self.window_start) = (0.0, 0, Instant::now());
+        out
+    }
+
+    fn epoch_acc(&self) -> Option<f64> {
+        (self.acc_n > 0).then(|| self.acc_sum / self.acc_n as f64)
+    }
+}
+
+/// Every parameter's current gradient, under the parameter's name, as safetensors.
+pub fn save_grads(vs: &VarStore, path: &Path) -> Result<()> {
+    let grads: Vec<(String, tch::Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter_map(|(name, t)| Some(name).zip(Some(t.grad()).filter(|g| g.defined())))
+        .collect();
+    files::write_atomic_with(path, |tmp| Ok(tch::Tensor::write_safetensors(&grads, tmp)?))
 }
