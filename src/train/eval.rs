@@ -45,30 +45,42 @@ impl Accuracy {
     }
 }
 
-/// Accuracy of `model` (eval mode: BatchNorm running statistics, no graph) on `episodes` episodes.
+/// Which episodes to evaluate on.
+pub struct EvalEpisodes {
+    pub split: Arc<SplitIndex>,
+    pub shape: EpisodeShape,
+    pub loader: LoaderConfig,
+    /// [`VAL_EPOCH`] or [`TEST_EPOCH`]: fixes the episodes drawn.
+    pub epoch_key: u64,
+    pub count: u64,
+}
+
+/// Accuracy of `model` (eval mode: BatchNorm running statistics, no graph) on `set`;
+/// `on_episode` runs after each episode (a progress bar).
 pub fn evaluate(
     model: &FewShotModel,
-    split: Arc<SplitIndex>,
-    shape: EpisodeShape,
-    loader: LoaderConfig,
-    epoch_key: u64,
-    episodes: u64,
+    set: EvalEpisodes,
     device: Device,
     mut on_episode: impl FnMut(),
 ) -> Result<Accuracy> {
     let _guard = tch::no_grad_guard();
-    let target = labels(shape.n_way as i64, shape.n_query as i64).to_device(device);
-    let mut acc = Vec::with_capacity(episodes as usize);
-    for batch in EpisodeLoader::new(split, shape, loader, epoch_key, 0..episodes) {
+    let target = labels(set.shape.n_way as i64, set.shape.n_query as i64).to_device(device);
+    let mut acc = Vec::with_capacity(set.count as usize);
+    for batch in EpisodeLoader::new(
+        set.split,
+        set.shape,
+        set.loader,
+        set.epoch_key,
+        0..set.count,
+    ) {
         let batch = batch?;
         let out = model.forward(&batch.images.to_device(device), false);
-        let correct = out
+        let hits = out
             .logits
             .argmax(-1, false)
             .eq_tensor(&target)
-            .to_kind(tch::Kind::Float)
-            .mean(tch::Kind::Float);
-        acc.push(100.0 * correct.double_value(&[]));
+            .to_kind(tch::Kind::Float);
+        acc.push(100.0 * hits.mean(tch::Kind::Float).double_value(&[]));
         on_episode();
     }
     Ok(Accuracy::from_episodes(&acc))

@@ -20,7 +20,7 @@ use tracing::info;
 use crate::config::{DatasetSource, Resolved, Split};
 use crate::data::{self, EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex, TransformConfig};
 use crate::model::{self, FewShotModel, ModelConfig};
-pub use eval::{evaluate, Accuracy, TEST_EPOCH, VAL_EPOCH};
+pub use eval::{evaluate, Accuracy, EvalEpisodes, TEST_EPOCH, VAL_EPOCH};
 use files::{save_weights, write_json, JsonLines};
 use plot::Curves;
 use progress::Progress;
@@ -299,16 +299,14 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
         }
         // Validation (the official val_loop): eval mode, fixed episodes, keep the best.
         let vprog = Progress::new(c.train.val_episodes, "val");
-        let acc = evaluate(
-            &model,
-            val.clone(),
+        let set = EvalEpisodes {
+            split: val.clone(),
             shape,
-            loader_config(r, false),
-            VAL_EPOCH,
-            c.train.val_episodes,
-            r.device,
-            || vprog.step(String::new()),
-        )?;
+            loader: loader_config(r, false),
+            epoch_key: VAL_EPOCH,
+            count: c.train.val_episodes,
+        };
+        let acc = evaluate(&model, set, r.device, || vprog.step(String::new()))?;
         vprog.finish();
         let best = summary.best_val.as_ref().is_none_or(|b| acc.mean > b.mean);
         progress.println(&format!(
@@ -381,16 +379,14 @@ pub fn test_split(
     let c = &r.config;
     let split = open_split(root, c.test.split, shape)?;
     let prog = Progress::new(c.test.episodes, "test");
-    let acc = evaluate(
-        model,
+    let set = EvalEpisodes {
         split,
         shape,
-        loader_config(r, false),
-        TEST_EPOCH,
-        c.test.episodes,
-        r.device,
-        || prog.step(String::new()),
-    )?;
+        loader: loader_config(r, false),
+        epoch_key: TEST_EPOCH,
+        count: c.test.episodes,
+    };
+    let acc = evaluate(model, set, r.device, || prog.step(String::new()))?;
     prog.finish();
     println!("{}", acc.official_line("Test"));
     write_json(
