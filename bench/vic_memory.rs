@@ -1,7 +1,7 @@
 //! Peak memory of the VIC covariance term L_C with backward, at the ResNet embedding size
 //! d = 25088 and N = 25 support embeddings (5-way 5-shot), f32 on CPU.
 //!
-//! The official form builds the d×d covariance (25088² · 4 B = 2.35 GiB, the documented OOM);
+//! The official form builds the d×d covariance (25088² · 4 B = 2.34 GiB (2.52 GB), the documented OOM);
 //! ours goes through the N×N Gram matrix. Peak RSS (VmHWM in /proc/self/status) is reset before
 //! each measurement by writing "5" to /proc/self/clear_refs, so each row is the growth of the
 //! peak over the resident size just before that computation. A smaller d also runs the naive
@@ -140,7 +140,7 @@ fn main() {
     writeln!(
         md,
         "\nAt d = 25088, N = 25 the Gram form peaks {:.1} MiB above its starting RSS, {:.0}× less than the \
-         2.35 GiB d×d covariance alone (the official form also keeps its gradient, another d×d). \
+         2.34 GiB d×d covariance alone (the official form also keeps its gradient, another d×d). \
          The naive row shows the measurement sees a d×d buffer when one exists.",
         mib(g.growth_kib),
         (g.d * g.d * 4) as f64 / (g.growth_kib as f64 * 1024.0)

@@ -94,7 +94,9 @@ fn check_fd(what: &str, x: &Tensor, grad: &Tensor, f: &dyn Fn() -> f64, picks: &
     for &i in picks {
         let i = i % flat.size()[0];
         let orig = flat.double_value(&[i]);
-        let set = |v: f64| tch::no_grad(|| flat.get(i).fill_(v));
+        let set = |v: f64| {
+            let _ = tch::no_grad(|| flat.get(i).fill_(v));
+        };
         set(orig + h);
         let fp = f();
         set(orig - h);

@@ -204,10 +204,11 @@ pub fn load_official_with(
         }
     }
     for (alias, c, t) in aliases {
-        if canonical.contains_key(&c) {
-            skipped.push(alias);
-        } else {
-            canonical.insert(c, t);
+        match canonical.entry(c) {
+            std::collections::btree_map::Entry::Occupied(_) => skipped.push(alias),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(t);
+            }
         }
     }
     copy_named(

@@ -169,7 +169,7 @@ pub struct HeadOutput {
 
 #[derive(Debug)]
 enum Head {
-    Fsct(FsctHead),
+    Fsct(Box<FsctHead>),
     Ctx(CtxHead),
     ProtoNet,
 }
@@ -207,7 +207,7 @@ impl FewShotModel {
                     mlp_dim: cfg.mlp_dim,
                 };
                 (
-                    Head::Fsct(FsctHead::new(root, dims, variant)),
+                    Head::Fsct(Box::new(FsctHead::new(root, dims, variant))),
                     vec![c * h * w],
                 )
             }
@@ -329,10 +329,10 @@ impl FewShotModel {
             &ce * self.cfg.lambda_i
         };
         if include_vic && self.cfg.lambda_v > 0.0 {
-            loss = loss + &var_term * self.cfg.lambda_v;
+            loss += &var_term * self.cfg.lambda_v;
         }
         if include_vic && self.cfg.lambda_c > 0.0 {
-            loss = loss + &cov_term * self.cfg.lambda_c;
+            loss += &cov_term * self.cfg.lambda_c;
         }
         HeadOutput {
             logits,
