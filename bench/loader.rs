@@ -127,6 +127,25 @@ fn main() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/loader_pil.py");
     let mut versions = String::new();
 
+    // Where the time goes (one thread): decoding alone, then decode + transform to 84 px.
+    let t0 = Instant::now();
+    let imgs: Vec<_> = list[..100]
+        .iter()
+        .map(|p| fsct_dist::data::decode_image(Path::new(p), tmp.path()).unwrap())
+        .collect();
+    let decode_ms = t0.elapsed().as_secs_f64() * 10.0;
+    let mut out = vec![0f32; 3 * 84 * 84];
+    let tf = TransformConfig {
+        image_size: 84,
+        augment: false,
+    };
+    let t0 = Instant::now();
+    for img in &imgs {
+        fsct_dist::data::transform_into(img, &tf, 0, 0, &mut out);
+    }
+    let transform_ms = t0.elapsed().as_secs_f64() * 10.0;
+    eprintln!("per image: decode {decode_ms:.2} ms, transform to 84 px {transform_ms:.2} ms");
+
     let mut rows = Vec::new();
     for size in [84u32, 224] {
         for workers in [1usize, 2] {
@@ -211,6 +230,10 @@ fn main() {
         };
         md.push_str(&format!("| {size} | {workers} | {ours:.0} | {p} | {r} |\n"));
     }
+    md.push_str(&format!(
+        "\nOne thread, per image: JPEG decode {decode_ms:.2} ms, resize + crop + normalise to 84 \
+         px {transform_ms:.2} ms.\n"
+    ));
     println!("\n{md}");
     if !quick {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results");
