@@ -154,6 +154,9 @@ pub struct RunArgs {
         alias = "gradient_accumulation_steps"
     )]
     pub gradient_accumulation_steps: Option<u64>,
+    /// Activation checkpointing of backbone stages (less memory, one more forward).
+    #[arg(long = "checkpoint-activations")]
+    pub checkpoint_activations: bool,
     /// Optimizer step every K episodes (their gradients averaged).
     #[arg(long = "episodes-per-step", alias = "episodes_per_step")]
     pub episodes_per_step: Option<u64>,
@@ -231,6 +234,7 @@ impl RunArgs {
             c.model.pretrained = self.pretrained.clone();
         }
         c.model.freeze_backbone |= self.freeze_backbone;
+        c.train.checkpoint_activations |= self.checkpoint_activations;
         if self.official.is_some() {
             c.model.official = self.official.clone();
         }

@@ -3,7 +3,7 @@
 
 use fsct_dist::config::{Backbone, Method};
 use fsct_dist::model::{BnMode, FewShotModel, ModelConfig};
-use fsct_dist::train::step::{balanced_groups, forward_backward};
+use fsct_dist::train::step::{balanced_groups, forward_backward, StepOptions};
 use tch::{nn, Device, Kind, Tensor};
 
 const N_WAY: i64 = 3;
@@ -11,13 +11,48 @@ const K_SHOT: i64 = 2;
 const N_QUERY: i64 = 3; // 15 images: uneven groups for M = 2 (8, 7) and M = 4 (4, 4, 4, 3)
 const SIZE: i64 = 20;
 
+fn opts(micro_steps: i64, checkpoint: bool, loss_scale: f64) -> StepOptions {
+    StepOptions {
+        micro_steps,
+        checkpoint,
+        loss_scale,
+    }
+}
+
 fn build(method: Method, seed: i64) -> (nn::VarStore, FewShotModel) {
+    build_with(method, Backbone::Conv4, SIZE, seed)
+}
+
+/// Held while a test seeds and draws from libtorch's global generator.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Builds a model. Tests run on parallel threads sharing libtorch's global generator, so a
+/// seed alone does not make two models equal: the second of a pair copies the first ([`twin`]).
+fn build_with(
+    method: Method,
+    backbone: Backbone,
+    size: i64,
+    seed: i64,
+) -> (nn::VarStore, FewShotModel) {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
-    let mut cfg = ModelConfig::new(method, Backbone::Conv4, N_WAY, K_SHOT, N_QUERY, SIZE);
+    let mut cfg = ModelConfig::new(method, backbone, N_WAY, K_SHOT, N_QUERY, size);
     (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 8, 16);
     (cfg.lambda_v, cfg.lambda_c) = (0.5, 0.1); // the VIC terms backpropagate through the support rows too
     let model = FewShotModel::new(&vs.root(), &cfg).unwrap();
+    (vs, model)
+}
+
+/// A second model with exactly the weights and buffers of `of`.
+fn twin(
+    of: &nn::VarStore,
+    method: Method,
+    backbone: Backbone,
+    size: i64,
+) -> (nn::VarStore, FewShotModel) {
+    let (mut vs, model) = build_with(method, backbone, size, 0);
+    vs.copy(of).unwrap();
     (vs, model)
 }
 
@@ -78,9 +113,9 @@ fn micro_steps_equal_one_plain_backward_over_the_same_groups() {
     for method in [Method::FsctCosine, Method::ProtoNet] {
         for m in [1, 2, 4] {
             let (vs_ref, reference) = build(method, 11);
+            let (vs, model) = twin(&vs_ref, method, Backbone::Conv4, SIZE);
             plain_backward_over_groups(&reference, &x, m);
-            let (vs, model) = build(method, 11);
-            let out = forward_backward(&model, &x, m, 1.0);
+            let out = forward_backward(&model, &x, opts(m, false, 1.0));
             assert!(out.loss.double_value(&[]).is_finite());
             let (err, name) = max_grad_error(&vs, &vs_ref);
             assert!(
@@ -97,6 +132,35 @@ fn micro_steps_equal_one_plain_backward_over_the_same_groups() {
 }
 
 #[test]
+fn activation_checkpointing_gives_the_same_gradients_and_statistics() {
+    // Conv4 (a segment per block), CTX on Conv4 (map embeddings), and a FETI ResNet10 (stem +
+    // four stages, the last with the adaptive pool) at a small size.
+    for (method, backbone, size) in [
+        (Method::FsctCosine, Backbone::Conv4, SIZE),
+        (Method::CtxCosine, Backbone::Conv4, SIZE),
+        (Method::FsctCosine, Backbone::ResNet10, 32),
+    ] {
+        let x = Tensor::randn(
+            [N_WAY * (K_SHOT + N_QUERY), 3, size, size],
+            (Kind::Float, Device::Cpu),
+        );
+        for m in [1, 2] {
+            let (vs_ref, reference) = build_with(method, backbone, size, 21);
+            let (vs, model) = twin(&vs_ref, method, backbone, size);
+            forward_backward(&reference, &x, opts(m, false, 1.0));
+            forward_backward(&model, &x, opts(m, true, 1.0));
+            let (err, name) = max_grad_error(&vs, &vs_ref);
+            assert!(err <= 1e-5, "{method:?}/{backbone:?} M={m}: checkpointed gradient of {name} differs by {err:.2e}");
+            let stats = buffers_equal(&vs, &vs_ref);
+            assert!(
+                stats <= 1e-6,
+                "{method:?}/{backbone:?} M={m}: running statistics differ by {stats:.2e}"
+            );
+        }
+    }
+}
+
+#[test]
 fn batchnorm_groups_change_the_objective() {
     // Guard against a "micro-step" that silently equals the single-batch gradient: with
     // per-group statistics the gradient must differ from the one-group gradient.
@@ -105,9 +169,9 @@ fn batchnorm_groups_change_the_objective() {
         (Kind::Float, Device::Cpu),
     );
     let (vs1, m1) = build(Method::FsctCosine, 5);
-    forward_backward(&m1, &x, 1, 1.0);
-    let (vs4, m4) = build(Method::FsctCosine, 5);
-    forward_backward(&m4, &x, 4, 1.0);
+    let (vs4, m4) = twin(&vs1, Method::FsctCosine, Backbone::Conv4, SIZE);
+    forward_backward(&m1, &x, opts(1, false, 1.0));
+    forward_backward(&m4, &x, opts(4, false, 1.0));
     let (err, _) = max_grad_error(&vs4, &vs1);
     assert!(
         err > 1e-3,
@@ -122,9 +186,9 @@ fn loss_scale_scales_every_gradient() {
         (Kind::Float, Device::Cpu),
     );
     let (vs_a, a) = build(Method::FsctCosine, 3);
-    forward_backward(&a, &x, 2, 0.5);
-    let (vs_b, b) = build(Method::FsctCosine, 3);
-    forward_backward(&b, &x, 2, 1.0);
+    let (vs_b, b) = twin(&vs_a, Method::FsctCosine, Backbone::Conv4, SIZE);
+    forward_backward(&a, &x, opts(2, false, 0.5));
+    forward_backward(&b, &x, opts(2, false, 1.0));
     for t in vs_a.variables().values() {
         let mut g = t.grad();
         if g.defined() {
@@ -174,6 +238,8 @@ fn episodes_per_step_averages_the_episode_gradients() {
     c.run.output = dir.path().join("run");
     let r = c.resolve().unwrap();
     let dumped = dir.path().join("grads.safetensors");
+    // Both runs seed and then draw the initial weights: keep other tests' draws out of the way.
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     train::train(
         &r,
         &Dumps {
@@ -193,7 +259,7 @@ fn episodes_per_step_averages_the_episode_gradients() {
     let cfg = train::loader_config(&r, false);
     for index in 0..2 {
         let ep = data::load_episode(&split, built.shape, &cfg, 0, index).unwrap();
-        forward_backward(&built.model, &ep.images.flatten(0, 1), 1, 0.5);
+        forward_backward(&built.model, &ep.images.flatten(0, 1), opts(1, false, 0.5));
     }
     let vars = built.vs.variables();
     let total: f64 = dumped

@@ -139,6 +139,9 @@ pub struct TrainConfig {
     pub max_steps: u64,
     /// Micro-steps per episode: 1 = plain; 0 = auto (ResNet 4, others 2, the documented rule).
     pub gradient_accumulation_steps: u64,
+    /// Recompute the backbone segment by segment in the backward (activation checkpointing):
+    /// less memory, one more backbone forward; same gradient.
+    pub checkpoint_activations: bool,
     /// Episodes whose gradients are summed (each loss scaled 1/K) before one optimizer step;
     /// composes with micro-steps. 1 = the official one step per episode.
     pub episodes_per_step: u64,
@@ -158,6 +161,7 @@ impl Default for TrainConfig {
             momentum: 0.9,
             max_steps: 0,
             gradient_accumulation_steps: 1,
+            checkpoint_activations: false,
             episodes_per_step: 1,
             log_every: 20,
         }

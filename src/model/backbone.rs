@@ -135,19 +135,27 @@ impl ResNet {
         }
     }
 
-    fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
-        let mut x = self.bn1.forward(&self.conv1.forward(x), mode).relu();
-        if self.stem == ResNetStem::Torchvision {
-            x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+    /// Segments for activation checkpointing: the stem, then each stage (the last one ends
+    /// with the FETI adaptive pool).
+    fn num_segments(&self) -> usize {
+        1 + self.layers.len()
+    }
+
+    fn forward_segment(&self, i: usize, x: &Tensor, mode: BnMode) -> Tensor {
+        if i == 0 {
+            let x = self.bn1.forward(&self.conv1.forward(x), mode).relu();
+            return match self.stem {
+                ResNetStem::Torchvision => x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false),
+                ResNetStem::Feti => x,
+            };
         }
-        for layer in &self.layers {
-            for b in layer {
-                x = b.forward(&x, mode);
-            }
+        let mut x = x.shallow_clone();
+        for b in &self.layers[i - 1] {
+            x = b.forward(&x, mode);
         }
         match self.stem {
-            ResNetStem::Feti => x.adaptive_avg_pool2d([7, 7]),
-            ResNetStem::Torchvision => x,
+            ResNetStem::Feti if i == self.layers.len() => x.adaptive_avg_pool2d([7, 7]),
+            _ => x,
         }
     }
 }
@@ -272,22 +280,34 @@ impl FeatureNet {
 
     /// (N, 3, S, S) → (N, C, H, W). One call is one BatchNorm batch.
     pub fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
+        (0..self.num_segments()).fold(x.shallow_clone(), |y, i| self.forward_segment(i, &y, mode))
+    }
+
+    /// How many pieces [`Self::forward_segment`] splits the backbone into: each Conv block, or
+    /// the ResNet stem and each stage. Activation checkpointing keeps only their boundaries.
+    pub fn num_segments(&self) -> usize {
+        match &self.net {
+            Net::Conv { blocks, .. } => blocks.len(),
+            Net::ResNet(r) => r.num_segments(),
+        }
+    }
+
+    /// Segment `i` of the backbone; folding all segments in order is [`Self::forward`].
+    pub fn forward_segment(&self, i: usize, x: &Tensor, mode: BnMode) -> Tensor {
         match &self.net {
             Net::Conv {
                 blocks,
                 first_channel_only,
             } => {
-                let mut y = if *first_channel_only {
+                // Omniglot's Conv4SNP reads channel 0 only.
+                let x = if i == 0 && *first_channel_only {
                     x.narrow(1, 0, 1)
                 } else {
                     x.shallow_clone()
                 };
-                for b in blocks {
-                    y = b.forward(&y, mode);
-                }
-                y
+                blocks[i].forward(&x, mode)
             }
-            Net::ResNet(r) => r.forward(x, mode),
+            Net::ResNet(r) => r.forward_segment(i, x, mode),
         }
     }
 }

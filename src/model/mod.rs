@@ -245,10 +245,19 @@ impl FewShotModel {
     /// chunk with batch statistics without counting it in the running statistics again).
     pub fn embed_t(&self, x: &Tensor, mode: BnMode) -> Tensor {
         let _span = tracing::trace_span!("embed", n = x.size()[0]).entered();
-        let y = self.feature.forward(x, mode);
+        self.maps_to_embedding(&self.feature.forward(x, mode))
+    }
+
+    /// The backbone, for activation checkpointing segment by segment (the trainer's job).
+    pub fn feature(&self) -> &FeatureNet {
+        &self.feature
+    }
+
+    /// Backbone output maps (N, C, H, W) → the embedding [`Self::embed`] returns.
+    pub fn maps_to_embedding(&self, maps: &Tensor) -> Tensor {
         match self.head {
-            Head::Ctx(_) => y,
-            _ => y.flatten(1, -1),
+            Head::Ctx(_) => maps.shallow_clone(),
+            _ => maps.flatten(1, -1),
         }
     }
 

@@ -221,6 +221,11 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
             sizes
         );
     }
+    let step_opts = step::StepOptions {
+        micro_steps: r.micro_steps as i64,
+        checkpoint: c.train.checkpoint_activations,
+        loss_scale: 1.0 / c.train.episodes_per_step as f64,
+    };
     let started = Instant::now();
     let mut metrics = JsonLines::create(&out.join("metrics.jsonl"))?;
     let mut curves = Curves::default();
@@ -259,7 +264,7 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
             if batch.index % k == 0 {
                 opt.zero_grad();
             }
-            let out = step::forward_backward(&model, &flat, r.micro_steps as i64, 1.0 / k as f64);
+            let out = step::forward_backward(&model, &flat, step_opts);
             // Host sync: reading the loss waits for the device.
             let loss = stats.add(&out, &target);
             anyhow::ensure!(

@@ -93,7 +93,13 @@ pub fn plot_curves(curves: &Curves, title: &str, path: &Path) -> Result<()> {
             .configure_mesh()
             .x_desc("epoch")
             .y_desc("accuracy %")
-            .x_label_formatter(&|x| if x.fract() == 0.0 { format!("{x:.0}") } else { String::new() })
+            .x_label_formatter(&|x| {
+                if x.fract() == 0.0 {
+                    format!("{x:.0}")
+                } else {
+                    String::new()
+                }
+            })
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
         for (series, color, label) in [

@@ -8,7 +8,9 @@
 //! dL/dE. The gradient is exactly that of one plain backward over the same groups, while the
 //! backbone's activations are held for one group at a time, at the price of one more backbone
 //! forward. Running statistics are updated once per group: the recompute uses
-//! [`BnMode::TrainNoStats`].
+//! [`BnMode::TrainNoStats`]. With activation checkpointing each group's backbone backward is
+//! done segment by segment from saved segment inputs (one more forward, the activations of one
+//! segment alive at a time); it composes with micro-steps and gives the same gradient.
 
 use std::ops::Range;
 
@@ -31,22 +33,40 @@ pub fn balanced_groups(n: i64, g: i64) -> Vec<Range<i64>> {
         .collect()
 }
 
+/// How one episode's forward/backward runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOptions {
+    /// BatchNorm groups / micro-chunks of the episode (1 = the official single batch).
+    pub micro_steps: i64,
+    /// Recompute the backbone segment by segment in the backward, keeping only the segment
+    /// boundaries (activation checkpointing).
+    pub checkpoint: bool,
+    /// Multiplies the loss before backward (1/K for K episodes per step; the AMP scale).
+    pub loss_scale: f64,
+}
+
+impl StepOptions {
+    pub fn plain() -> Self {
+        Self {
+            micro_steps: 1,
+            checkpoint: false,
+            loss_scale: 1.0,
+        }
+    }
+}
+
 /// Forward and backward of one episode `x` (N, 3, S, S) in class-major order, accumulating
-/// gradients into the model's parameters (`.grad`, scaled by `loss_scale`). Returns the head
-/// output (detached from any graph that was freed).
-pub fn forward_backward(
-    model: &FewShotModel,
-    x: &Tensor,
-    micro_steps: i64,
-    loss_scale: f64,
-) -> HeadOutput {
-    if micro_steps <= 1 {
+/// gradients into the model's parameters (`.grad`). Returns the head output.
+pub fn forward_backward(model: &FewShotModel, x: &Tensor, opts: StepOptions) -> HeadOutput {
+    if opts.micro_steps <= 1 && !opts.checkpoint {
+        // The fast path: one graph, one backward, nothing recomputed.
         let out = model.head(&model.embed(x, true));
-        scaled(&out.loss, loss_scale).backward();
+        scaled(&out.loss, opts.loss_scale).backward();
         return out;
     }
-    let groups = balanced_groups(x.size()[0], micro_steps);
+    let groups = balanced_groups(x.size()[0], opts.micro_steps);
     let chunk = |r: &Range<i64>| x.narrow(0, r.start, r.end - r.start);
+    // Running statistics are updated here, once per group.
     let emb = tch::no_grad(|| {
         let parts: Vec<Tensor> = groups
             .iter()
@@ -56,16 +76,50 @@ pub fn forward_backward(
     })
     .set_requires_grad(true);
     let out = model.head(&emb);
-    scaled(&out.loss, loss_scale).backward();
+    scaled(&out.loss, opts.loss_scale).backward();
     let grad_emb = emb.grad();
     for r in &groups {
-        let e = model.embed_t(&chunk(r), BnMode::TrainNoStats);
-        let kind = e.kind();
-        (e * grad_emb.narrow(0, r.start, r.end - r.start))
-            .sum(kind)
-            .backward();
+        let seed = grad_emb.narrow(0, r.start, r.end - r.start);
+        if opts.checkpoint {
+            backward_by_segments(model, &chunk(r), &seed);
+        } else {
+            let e = model.embed_t(&chunk(r), BnMode::TrainNoStats);
+            let kind = e.kind();
+            (e * seed).sum(kind).backward();
+        }
     }
     out
+}
+
+/// Backpropagates `seed` = dL/d(embedding of `x`) through the backbone one segment at a time:
+/// a no-grad pass keeps each segment's input, then from the last segment back each one is
+/// recomputed with grad and backpropagated, its input gradient seeding the one before. Only
+/// one segment's activations are alive at a time.
+fn backward_by_segments(model: &FewShotModel, x: &Tensor, seed: &Tensor) {
+    let f = model.feature();
+    let n = f.num_segments();
+    let mut inputs = Vec::with_capacity(n);
+    let maps = tch::no_grad(|| {
+        (0..n).fold(x.shallow_clone(), |y, i| {
+            let next = f.forward_segment(i, &y, BnMode::TrainNoStats);
+            inputs.push(y);
+            next
+        })
+    });
+    let mut seed = seed.reshape(maps.size());
+    for i in (0..n).rev() {
+        let input = if i == 0 {
+            inputs[0].shallow_clone()
+        } else {
+            inputs[i].detach().set_requires_grad(true)
+        };
+        let out = f.forward_segment(i, &input, BnMode::TrainNoStats);
+        let kind = out.kind();
+        (out * &seed).sum(kind).backward();
+        if i > 0 {
+            seed = input.grad();
+        }
+    }
 }
 
 fn scaled(loss: &Tensor, s: f64) -> Tensor {
