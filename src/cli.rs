@@ -157,6 +157,9 @@ pub struct RunArgs {
     /// Activation checkpointing of backbone stages (less memory, one more forward).
     #[arg(long = "checkpoint-activations")]
     pub checkpoint_activations: bool,
+    /// Memory per phase of a step (after the first): table, memory.json and memory.png.
+    #[arg(long = "memory-report")]
+    pub memory_report: bool,
     /// Optimizer step every K episodes (their gradients averaged).
     #[arg(long = "episodes-per-step", alias = "episodes_per_step")]
     pub episodes_per_step: Option<u64>,
@@ -235,6 +238,7 @@ impl RunArgs {
         }
         c.model.freeze_backbone |= self.freeze_backbone;
         c.train.checkpoint_activations |= self.checkpoint_activations;
+        c.train.memory_report |= self.memory_report;
         if self.official.is_some() {
             c.model.official = self.official.clone();
         }

@@ -3,7 +3,9 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod ffi;
 pub mod logging;
+pub mod memory;
 pub mod model;
 pub mod train;
 

@@ -208,3 +208,43 @@ fn data_check_reports_a_corrupt_image() {
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
     assert!(text(&o).contains(&name), "names the file: {}", text(&o));
 }
+
+#[test]
+fn memory_report_writes_the_phase_profile_of_a_later_step() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_dataset(dir.path());
+    let mut args = vec![
+        "train",
+        "--output",
+        "run",
+        "--memory-report",
+        "--max-steps",
+        "2",
+        "--gradient-accumulation-steps",
+        "2",
+    ];
+    args.extend_from_slice(TINY);
+    let o = fsct(&args, dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/memory.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["step"], 2, "the last measured step, not the first");
+    let (held, peak, step) = (
+        m["held_bytes"].as_u64().unwrap(),
+        m["peak_bytes"].as_u64().unwrap(),
+        m["step_bytes"].as_u64().unwrap(),
+    );
+    assert!(held > 0 && peak >= held && step == peak - held, "{m}");
+    let phases: Vec<&str> = m["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        ["data", "backbone_forward", "head", "backward", "optimizer"]
+    );
+    assert!(dir.path().join("run/memory.png").is_file());
+}

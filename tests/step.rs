@@ -2,6 +2,7 @@
 //! plain forward/backward over the same BatchNorm groups, and the same running statistics.
 
 use fsct_dist::config::{Backbone, Method};
+use fsct_dist::memory::NoProfile;
 use fsct_dist::model::{BnMode, FewShotModel, ModelConfig};
 use fsct_dist::train::step::{balanced_groups, forward_backward, StepOptions};
 use tch::{nn, Device, Kind, Tensor};
@@ -115,7 +116,7 @@ fn micro_steps_equal_one_plain_backward_over_the_same_groups() {
             let (vs_ref, reference) = build(method, 11);
             let (vs, model) = twin(&vs_ref, method, Backbone::Conv4, SIZE);
             plain_backward_over_groups(&reference, &x, m);
-            let out = forward_backward(&model, &x, opts(m, false, 1.0));
+            let out = forward_backward(&model, &x, opts(m, false, 1.0), &mut NoProfile);
             assert!(out.loss.double_value(&[]).is_finite());
             let (err, name) = max_grad_error(&vs, &vs_ref);
             assert!(
@@ -147,8 +148,8 @@ fn activation_checkpointing_gives_the_same_gradients_and_statistics() {
         for m in [1, 2] {
             let (vs_ref, reference) = build_with(method, backbone, size, 21);
             let (vs, model) = twin(&vs_ref, method, backbone, size);
-            forward_backward(&reference, &x, opts(m, false, 1.0));
-            forward_backward(&model, &x, opts(m, true, 1.0));
+            forward_backward(&reference, &x, opts(m, false, 1.0), &mut NoProfile);
+            forward_backward(&model, &x, opts(m, true, 1.0), &mut NoProfile);
             let (err, name) = max_grad_error(&vs, &vs_ref);
             assert!(err <= 1e-5, "{method:?}/{backbone:?} M={m}: checkpointed gradient of {name} differs by {err:.2e}");
             let stats = buffers_equal(&vs, &vs_ref);
@@ -170,8 +171,8 @@ fn batchnorm_groups_change_the_objective() {
     );
     let (vs1, m1) = build(Method::FsctCosine, 5);
     let (vs4, m4) = twin(&vs1, Method::FsctCosine, Backbone::Conv4, SIZE);
-    forward_backward(&m1, &x, opts(1, false, 1.0));
-    forward_backward(&m4, &x, opts(4, false, 1.0));
+    forward_backward(&m1, &x, opts(1, false, 1.0), &mut NoProfile);
+    forward_backward(&m4, &x, opts(4, false, 1.0), &mut NoProfile);
     let (err, _) = max_grad_error(&vs4, &vs1);
     assert!(
         err > 1e-3,
@@ -187,8 +188,8 @@ fn loss_scale_scales_every_gradient() {
     );
     let (vs_a, a) = build(Method::FsctCosine, 3);
     let (vs_b, b) = twin(&vs_a, Method::FsctCosine, Backbone::Conv4, SIZE);
-    forward_backward(&a, &x, opts(2, false, 0.5));
-    forward_backward(&b, &x, opts(2, false, 1.0));
+    forward_backward(&a, &x, opts(2, false, 0.5), &mut NoProfile);
+    forward_backward(&b, &x, opts(2, false, 1.0), &mut NoProfile);
     for t in vs_a.variables().values() {
         let mut g = t.grad();
         if g.defined() {
@@ -259,7 +260,12 @@ fn episodes_per_step_averages_the_episode_gradients() {
     let cfg = train::loader_config(&r, false);
     for index in 0..2 {
         let ep = data::load_episode(&split, built.shape, &cfg, 0, index).unwrap();
-        forward_backward(&built.model, &ep.images.flatten(0, 1), opts(1, false, 0.5));
+        forward_backward(
+            &built.model,
+            &ep.images.flatten(0, 1),
+            opts(1, false, 0.5),
+            &mut NoProfile,
+        );
     }
     let vars = built.vs.variables();
     let total: f64 = dumped

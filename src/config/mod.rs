@@ -142,6 +142,9 @@ pub struct TrainConfig {
     /// Recompute the backbone segment by segment in the backward (activation checkpointing):
     /// less memory, one more backbone forward; same gradient.
     pub checkpoint_activations: bool,
+    /// Profile memory per phase of every step; report the last one (table, memory.json,
+    /// memory.png in the run folder).
+    pub memory_report: bool,
     /// Episodes whose gradients are summed (each loss scaled 1/K) before one optimizer step;
     /// composes with micro-steps. 1 = the official one step per episode.
     pub episodes_per_step: u64,
@@ -162,6 +165,7 @@ impl Default for TrainConfig {
             max_steps: 0,
             gradient_accumulation_steps: 1,
             checkpoint_activations: false,
+            memory_report: false,
             episodes_per_step: 1,
             log_every: 20,
         }

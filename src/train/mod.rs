@@ -1,6 +1,7 @@
 //! The single-process training protocol of the official `train_test.py`: one optimizer step per
 //! episode, validation after every epoch, the best validation model kept, then the test.
 
+pub mod amp;
 pub mod eval;
 pub mod files;
 mod optim;
@@ -19,6 +20,7 @@ use tracing::info;
 
 use crate::config::{DatasetSource, Resolved, Split};
 use crate::data::{self, EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex, TransformConfig};
+use crate::memory::{MemoryProfiler, NoProfile, Phase, PhaseSink};
 use crate::model::{self, FewShotModel, ModelConfig};
 pub use eval::{evaluate, Accuracy, EvalEpisodes, TEST_EPOCH, VAL_EPOCH};
 use files::{save_weights, write_json, JsonLines};
@@ -226,6 +228,9 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
         checkpoint: c.train.checkpoint_activations,
         loss_scale: 1.0 / c.train.episodes_per_step as f64,
     };
+    // --memory-report: every step is profiled; the last one is reported (its optimizer state
+    // exists, unlike the first step's).
+    let mut profiler = c.train.memory_report.then(MemoryProfiler::new);
     let started = Instant::now();
     let mut metrics = JsonLines::create(&out.join("metrics.jsonl"))?;
     let mut curves = Curves::default();
@@ -258,13 +263,26 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
             0..episodes,
         );
         let mut stats = EpochStats::new();
-        for batch in loader {
+        let mut loader = loader;
+        loop {
+            let starts_step = profiler.is_some() && stats.episodes() % k == 0;
+            if let Some(p) = profiler.as_mut() {
+                if starts_step {
+                    p.begin_step(summary.steps + 1);
+                }
+                p.enter(Phase::Data);
+            }
+            let Some(batch) = loader.next() else { break };
             let batch = batch?;
             let flat = batch.images.to_device(r.device).flatten(0, 1);
             if batch.index % k == 0 {
                 opt.zero_grad();
             }
-            let out = step::forward_backward(&model, &flat, step_opts);
+            let sink: &mut dyn PhaseSink = match profiler.as_mut() {
+                Some(p) => p,
+                None => &mut NoProfile,
+            };
+            let out = step::forward_backward(&model, &flat, step_opts, sink);
             // Host sync: reading the loss waits for the device.
             let loss = stats.add(&out, &target);
             anyhow::ensure!(
@@ -285,8 +303,14 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
                     save_grads(&vs, path)?;
                 }
             }
+            if let Some(p) = profiler.as_mut() {
+                p.enter(Phase::Optimizer);
+            }
             opt.step();
             summary.steps += 1;
+            if let Some(p) = profiler.as_mut() {
+                p.end_step();
+            }
             if summary.steps % c.train.log_every == 0 || batch.index + 1 == episodes {
                 let (loss, acc, episodes_per_s) = stats.take_window();
                 metrics.write(&Metric::Train {
@@ -350,6 +374,10 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
     progress.finish();
     if let Some(path) = &dumps.params {
         save_weights(&vs, path)?;
+    }
+    if let Some(m) = profiler.as_ref().and_then(MemoryProfiler::last) {
+        progress.println(&crate::memory::profiler::table(m));
+        crate::memory::profiler::write_report(m, &format!("{:?}", r.device), out)?;
     }
     plot::plot_curves(
         &curves,
@@ -449,6 +477,11 @@ impl EpochStats {
         );
         (self.window_loss, self.window_n, self.window_start) = (0.0, 0, Instant::now());
         out
+    }
+
+    /// Episodes recorded this epoch.
+    fn episodes(&self) -> u64 {
+        self.acc_n
     }
 
     fn epoch_acc(&self) -> Option<f64> {

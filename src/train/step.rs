@@ -16,6 +16,7 @@ use std::ops::Range;
 
 use tch::Tensor;
 
+use crate::memory::{Phase, PhaseSink};
 use crate::model::{BnMode, FewShotModel, HeadOutput};
 
 /// `n` items in `g` contiguous groups whose sizes differ by at most one, larger groups first.
@@ -57,16 +58,27 @@ impl StepOptions {
 
 /// Forward and backward of one episode `x` (N, 3, S, S) in class-major order, accumulating
 /// gradients into the model's parameters (`.grad`). Returns the head output.
-pub fn forward_backward(model: &FewShotModel, x: &Tensor, opts: StepOptions) -> HeadOutput {
+/// Phase boundaries are reported to `phases` (the memory profiler, or [`crate::memory::NoProfile`]).
+pub fn forward_backward(
+    model: &FewShotModel,
+    x: &Tensor,
+    opts: StepOptions,
+    phases: &mut dyn PhaseSink,
+) -> HeadOutput {
     if opts.micro_steps <= 1 && !opts.checkpoint {
         // The fast path: one graph, one backward, nothing recomputed.
-        let out = model.head(&model.embed(x, true));
+        phases.enter(Phase::BackboneForward);
+        let emb = model.embed(x, true);
+        phases.enter(Phase::Head);
+        let out = model.head(&emb);
+        phases.enter(Phase::Backward);
         scaled(&out.loss, opts.loss_scale).backward();
         return out;
     }
     let groups = balanced_groups(x.size()[0], opts.micro_steps);
     let chunk = |r: &Range<i64>| x.narrow(0, r.start, r.end - r.start);
     // Running statistics are updated here, once per group.
+    phases.enter(Phase::BackboneForward);
     let emb = tch::no_grad(|| {
         let parts: Vec<Tensor> = groups
             .iter()
@@ -75,7 +87,9 @@ pub fn forward_backward(model: &FewShotModel, x: &Tensor, opts: StepOptions) -> 
         Tensor::cat(&parts, 0)
     })
     .set_requires_grad(true);
+    phases.enter(Phase::Head);
     let out = model.head(&emb);
+    phases.enter(Phase::Backward);
     scaled(&out.loss, opts.loss_scale).backward();
     let grad_emb = emb.grad();
     for r in &groups {

@@ -1,0 +1,287 @@
+//! Per-phase memory of a training step (`--memory-report`): for each phase the resident bytes at
+//! its end and the peak during it, plus what the step started with (`held_bytes`: weights,
+//! optimizer state, runtime) and its overall peak. On CPU the numbers are the process's resident
+//! set; the peak counter is reset at every phase boundary.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::rss::{reset_peak, rss_bytes};
+use crate::train::files::{write_atomic_with, write_json};
+
+/// The phases of one optimizer step, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Waiting for the next episode from the loader, moving it to the device.
+    Data,
+    /// Backbone forward (under no_grad when micro-steps recompute later).
+    BackboneForward,
+    /// Head forward and loss.
+    Head,
+    /// Every backward: head, then backbone (recomputed chunks or segments when asked).
+    Backward,
+    /// Gradient exchange between ranks.
+    Communication,
+    /// Unscale, optimizer step, cache clearing.
+    Optimizer,
+}
+
+/// Where the step engine reports phase boundaries; [`NoProfile`] ignores them.
+pub trait PhaseSink {
+    fn enter(&mut self, phase: Phase);
+}
+
+/// The sink of a run without `--memory-report`.
+pub struct NoProfile;
+
+impl PhaseSink for NoProfile {
+    fn enter(&mut self, _: Phase) {}
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseRow {
+    pub phase: Phase,
+    /// Resident bytes when the phase ended.
+    pub current_bytes: u64,
+    /// Peak resident bytes during the phase.
+    pub peak_bytes: u64,
+    pub seconds: f64,
+}
+
+/// One measured step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMemory {
+    pub step: u64,
+    /// Resident at the start of the step.
+    pub held_bytes: u64,
+    /// Peak during the step.
+    pub peak_bytes: u64,
+    /// peak − held: the working memory the step needs.
+    pub step_bytes: u64,
+    pub phases: Vec<PhaseRow>,
+}
+
+/// Collects phase rows for the current step and keeps the last finished one.
+#[derive(Default)]
+pub struct MemoryProfiler {
+    open: Option<(Phase, Instant)>,
+    step: u64,
+    held: u64,
+    rows: Vec<PhaseRow>,
+    last: Option<StepMemory>,
+}
+
+impl PhaseSink for MemoryProfiler {
+    fn enter(&mut self, phase: Phase) {
+        self.close_phase();
+        reset_peak();
+        self.open = Some((phase, Instant::now()));
+    }
+}
+
+impl MemoryProfiler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts step `step`: what is resident now is what the step holds before it works.
+    pub fn begin_step(&mut self, step: u64) {
+        self.open = None;
+        self.rows.clear();
+        self.step = step;
+        reset_peak();
+        self.held = rss_bytes().map_or(0, |(cur, _)| cur);
+    }
+
+    fn close_phase(&mut self) {
+        if let Some((phase, start)) = self.open.take() {
+            let (current_bytes, peak_bytes) = rss_bytes().unwrap_or((0, 0));
+            self.rows.push(PhaseRow {
+                phase,
+                current_bytes,
+                peak_bytes,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+    }
+
+    /// Ends the step; it becomes the reported one.
+    pub fn end_step(&mut self) {
+        self.close_phase();
+        let peak = self
+            .rows
+            .iter()
+            .map(|r| r.peak_bytes)
+            .max()
+            .unwrap_or(self.held)
+            .max(self.held);
+        self.last = Some(StepMemory {
+            step: self.step,
+            held_bytes: self.held,
+            peak_bytes: peak,
+            step_bytes: peak - self.held,
+            phases: std::mem::take(&mut self.rows),
+        });
+    }
+
+    pub fn last(&self) -> Option<&StepMemory> {
+        self.last.as_ref()
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+/// The table users read: one row per phase.
+pub fn table(m: &StepMemory) -> String {
+    let mut s = format!(
+        "memory of step {} (resident set): held {:.0} MiB, peak {:.0} MiB, step needs {:.0} MiB\n\
+         | phase | current MiB | peak MiB | seconds |\n|---|---:|---:|---:|\n",
+        m.step,
+        mib(m.held_bytes),
+        mib(m.peak_bytes),
+        mib(m.step_bytes)
+    );
+    for r in &m.phases {
+        s += &format!(
+            "| {:?} | {:.0} | {:.0} | {:.3} |\n",
+            r.phase,
+            mib(r.current_bytes),
+            mib(r.peak_bytes),
+            r.seconds
+        );
+    }
+    s
+}
+
+/// Writes memory.json and memory.png (phases in order: current and peak) into `dir`.
+pub fn write_report(m: &StepMemory, device: &str, dir: &Path) -> Result<()> {
+    let json = serde_json::json!({
+        "device": device,
+        "measure": "process resident set (VmRSS, VmHWM reset per phase)",
+        "step": m.step,
+        "held_bytes": m.held_bytes,
+        "peak_bytes": m.peak_bytes,
+        "step_bytes": m.step_bytes,
+        "phases": m.phases,
+    });
+    write_json(&dir.join("memory.json"), &json)?;
+    crate::train::plot::register_font();
+    write_atomic_with(&dir.join("memory.png"), |tmp| {
+        let root = BitMapBackend::new(tmp, (900, 450)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+        let top = m.phases.iter().map(|r| r.peak_bytes).max().unwrap_or(1) as f64
+            / (1u64 << 20) as f64
+            * 1.1;
+        let n = m.phases.len().max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .margin(14)
+            .caption(
+                format!("memory per phase, step {} (MiB resident)", m.step),
+                ("sans-serif", 18),
+            )
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..n as f64, 0.0..top)
+            .map_err(|e| anyhow!("{e}"))?;
+        let names: Vec<String> = m.phases.iter().map(|r| format!("{:?}", r.phase)).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                if (x - x.floor() - 0.5).abs() < 1e-6 && i < names.len() {
+                    names[i].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc("MiB")
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        let held = mib(m.held_bytes);
+        chart
+            .draw_series(LineSeries::new(
+                [(0.0, held), (n as f64, held)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("held at step start")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
+        chart
+            .draw_series(m.phases.iter().enumerate().map(|(i, r)| {
+                Rectangle::new(
+                    [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, mib(r.peak_bytes))],
+                    RED.mix(0.35).filled(),
+                )
+            }))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("peak during phase")
+            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], RED.mix(0.35).filled()));
+        chart
+            .draw_series(m.phases.iter().enumerate().map(|(i, r)| {
+                Rectangle::new(
+                    [
+                        (i as f64 + 0.3, 0.0),
+                        (i as f64 + 0.7, mib(r.current_bytes)),
+                    ],
+                    BLUE.mix(0.7).filled(),
+                )
+            }))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("at phase end")
+            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], BLUE.mix(0.7).filled()));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.85))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        root.present().map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_records_its_phases_and_the_peak_of_a_transient_buffer() {
+        if rss_bytes().is_none() || !reset_peak() {
+            return;
+        }
+        let mut p = MemoryProfiler::new();
+        p.begin_step(2);
+        p.enter(Phase::BackboneForward);
+        let big = vec![7u8; 48 << 20];
+        std::hint::black_box(&big);
+        drop(big);
+        p.enter(Phase::Backward);
+        p.end_step();
+        let m = p.last().unwrap();
+        assert_eq!(m.step, 2);
+        assert_eq!(
+            m.phases.iter().map(|r| r.phase).collect::<Vec<_>>(),
+            [Phase::BackboneForward, Phase::Backward]
+        );
+        assert!(
+            m.step_bytes >= 40 << 20,
+            "the 48 MiB buffer shows in the step's working memory: {}",
+            m.step_bytes
+        );
+        assert!(
+            m.phases[0].peak_bytes > m.phases[1].peak_bytes,
+            "the peak is attributed to the phase that allocated"
+        );
+        assert_eq!(m.peak_bytes, m.held_bytes + m.step_bytes);
+    }
+}

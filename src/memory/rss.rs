@@ -1,0 +1,54 @@
+//! Resident memory of this process, from the kernel: current (VmRSS) and peak (VmHWM) bytes.
+//! The peak can be reset to the current value by writing 5 to /proc/self/clear_refs, which
+//! turns the kernel's high-water mark into a per-phase peak.
+
+use std::fs;
+
+/// (current, peak) resident bytes, or None where /proc is not available.
+pub fn rss_bytes() -> Option<(u64, u64)> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Resets the peak to the current resident size; false where the kernel does not allow it.
+pub fn reset_peak() -> bool {
+    fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_sees_a_transient_allocation_and_resets() {
+        let (Some((_, _)), true) = (rss_bytes(), reset_peak()) else {
+            return; // no /proc here: nothing to measure
+        };
+        let (before, _) = rss_bytes().unwrap();
+        {
+            let big = vec![1u8; 64 << 20]; // touched, so resident
+            std::hint::black_box(&big);
+        }
+        let (_, peak) = rss_bytes().unwrap();
+        assert!(
+            peak >= before + (60 << 20),
+            "peak {peak} should include the 64 MiB buffer (start {before})"
+        );
+        assert!(reset_peak());
+        let (now, peak) = rss_bytes().unwrap();
+        assert!(
+            peak < now + (32 << 20),
+            "after reset the peak ({peak}) is near the current size ({now})"
+        );
+    }
+}
