@@ -1,13 +1,16 @@
 //! Makes the binaries (and test binaries) find libtorch at run time without LD_LIBRARY_PATH.
 //! torch-sys links libtorch but leaves no rpath; we add one to the torch/lib folder it used.
+//! Also compiles the C++ shim (csrc/shim.cpp: CPU/CUDA autocast control that tch lacks) against
+//! the headers of that same libtorch.
 
 use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        return;
+        panic!("torch-sys did not report its libtorch (DEP_TCH_LIBTORCH_LIB); run launch/setup.sh");
     };
+    compile_shim(Path::new(&lib));
     // The symlink .venv/libtorch is what the repo names; resolve it so the rpath survives a re-run
     // of setup.sh that swaps the venv, and still points at a real folder.
     let lib = Path::new(&lib)
@@ -22,6 +25,30 @@ fn main() {
     if full_cuda && lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+}
+
+/// csrc/shim.cpp as a static library, with torch-sys's include folders and C++ ABI. It declares
+/// the few libtorch functions it calls itself instead of including ATen (about 1 s to compile
+/// instead of about 10 s).
+fn compile_shim(lib: &Path) {
+    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    // torch-sys: headers in $LIBTORCH_INCLUDE/include, else next to lib/ (torch/include).
+    let root = std::env::var("LIBTORCH_INCLUDE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| lib.parent().unwrap_or(lib).to_path_buf());
+    let include = root.join("include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .file("csrc/shim.cpp")
+        .compile("fsct_shim");
 }
 
 /// Whether a file whose name starts with `prefix` exists under `dir`, at most `depth` levels down.

@@ -1,0 +1,175 @@
+// The few libtorch C++ calls tch does not expose (toolchain.md, "What tch does not give").
+//
+// Autocast state is per thread (libtorch keeps it in thread-local dispatch-key sets), so every
+// call here acts on the calling thread only. Every function is `extern "C"`, catches every C++
+// exception and reports it as a non-zero return code; the message is kept per thread and read
+// with `fsct_shim_last_error`.
+//
+// Build time: instead of <ATen/autocast_mode.h> (which pulls in ATen.h, NativeFunctions.h,
+// Operators.h and torch/library.h: tens of seconds per compile), we declare the handful of
+// functions we call exactly as that header does (torch 2.11). A drifted signature would fail at
+// link time, never silently. Define FSCT_SHIM_FULL_HEADERS to compile against the real header.
+
+#ifdef FSCT_SHIM_FULL_HEADERS
+#include <ATen/autocast_mode.h>
+#else
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+#include <c10/macros/Export.h>
+
+namespace at::autocast {
+TORCH_API bool is_autocast_enabled(at::DeviceType device_type);
+TORCH_API void set_autocast_enabled(at::DeviceType device_type, bool enabled);
+TORCH_API at::ScalarType get_autocast_dtype(at::DeviceType device_type);
+TORCH_API void set_autocast_dtype(at::DeviceType device_type, at::ScalarType dtype);
+TORCH_API void clear_cache();
+TORCH_API int increment_nesting();
+TORCH_API int decrement_nesting();
+TORCH_API bool is_autocast_cache_enabled();
+TORCH_API void set_autocast_cache_enabled(bool enabled);
+}  // namespace at::autocast
+#endif
+
+#include <exception>
+#include <string>
+
+namespace {
+
+thread_local std::string last_error;
+
+// Return codes.
+constexpr int OK = 0;
+constexpr int ERR_EXCEPTION = 1;
+constexpr int ERR_BAD_ARGUMENT = 2;
+
+// Device codes shared with src/ffi/mod.rs.
+bool device_from_code(int code, c10::DeviceType* out) {
+  switch (code) {
+    case 0: *out = c10::DeviceType::CPU; return true;
+    case 1: *out = c10::DeviceType::CUDA; return true;
+    default: return false;
+  }
+}
+
+// Dtype codes shared with src/ffi/mod.rs: 0 Float, 1 Half, 2 BFloat16, 3 Double.
+bool dtype_from_code(int code, c10::ScalarType* out) {
+  switch (code) {
+    case 0: *out = c10::ScalarType::Float; return true;
+    case 1: *out = c10::ScalarType::Half; return true;
+    case 2: *out = c10::ScalarType::BFloat16; return true;
+    case 3: *out = c10::ScalarType::Double; return true;
+    default: return false;
+  }
+}
+
+int dtype_to_code(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return 0;
+    case c10::ScalarType::Half: return 1;
+    case c10::ScalarType::BFloat16: return 2;
+    case c10::ScalarType::Double: return 3;
+    default: return -1;
+  }
+}
+
+template <class F>
+int guarded(F&& f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown C++ exception";
+  }
+  return ERR_EXCEPTION;
+}
+
+int bad_argument(const char* what, int code) {
+  last_error = std::string("invalid ") + what + " code " + std::to_string(code);
+  return ERR_BAD_ARGUMENT;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The message of the last failed call on this thread (empty if none). Valid until the next
+// failing call on this thread.
+const char* fsct_shim_last_error() { return last_error.c_str(); }
+
+int fsct_autocast_is_enabled(int device, int* enabled) {
+  c10::DeviceType d;
+  if (!device_from_code(device, &d)) return bad_argument("device", device);
+  return guarded([&] {
+    *enabled = at::autocast::is_autocast_enabled(d) ? 1 : 0;
+    return OK;
+  });
+}
+
+int fsct_autocast_set_enabled(int device, int enabled) {
+  c10::DeviceType d;
+  if (!device_from_code(device, &d)) return bad_argument("device", device);
+  return guarded([&] {
+    at::autocast::set_autocast_enabled(d, enabled != 0);
+    return OK;
+  });
+}
+
+// `*dtype` receives a dtype code, or -1 for a dtype outside the codes.
+int fsct_autocast_get_dtype(int device, int* dtype) {
+  c10::DeviceType d;
+  if (!device_from_code(device, &d)) return bad_argument("device", device);
+  return guarded([&] {
+    *dtype = dtype_to_code(at::autocast::get_autocast_dtype(d));
+    return OK;
+  });
+}
+
+int fsct_autocast_set_dtype(int device, int dtype) {
+  c10::DeviceType d;
+  c10::ScalarType t;
+  if (!device_from_code(device, &d)) return bad_argument("device", device);
+  if (!dtype_from_code(dtype, &t)) return bad_argument("dtype", dtype);
+  return guarded([&] {
+    at::autocast::set_autocast_dtype(d, t);
+    return OK;
+  });
+}
+
+// `*depth` receives the nesting depth after the call.
+int fsct_autocast_increment_nesting(int* depth) {
+  return guarded([&] {
+    *depth = at::autocast::increment_nesting();
+    return OK;
+  });
+}
+
+int fsct_autocast_decrement_nesting(int* depth) {
+  return guarded([&] {
+    *depth = at::autocast::decrement_nesting();
+    return OK;
+  });
+}
+
+int fsct_autocast_clear_cache() {
+  return guarded([&] {
+    at::autocast::clear_cache();
+    return OK;
+  });
+}
+
+int fsct_autocast_is_cache_enabled(int* enabled) {
+  return guarded([&] {
+    *enabled = at::autocast::is_autocast_cache_enabled() ? 1 : 0;
+    return OK;
+  });
+}
+
+int fsct_autocast_set_cache_enabled(int enabled) {
+  return guarded([&] {
+    at::autocast::set_autocast_cache_enabled(enabled != 0);
+    return OK;
+  });
+}
+
+}  // extern "C"
