@@ -154,6 +154,9 @@ pub struct RunArgs {
         alias = "gradient_accumulation_steps"
     )]
     pub gradient_accumulation_steps: Option<u64>,
+    /// Mixed precision: off, fp16 (with loss scaling) or bf16 (default: fp16 on CUDA, off on CPU).
+    #[arg(long, value_enum)]
+    pub amp: Option<crate::train::amp::AmpMode>,
     /// Activation checkpointing of backbone stages (less memory, one more forward).
     #[arg(long = "checkpoint-activations")]
     pub checkpoint_activations: bool,
@@ -238,6 +241,9 @@ impl RunArgs {
         }
         c.model.freeze_backbone |= self.freeze_backbone;
         c.train.checkpoint_activations |= self.checkpoint_activations;
+        if self.amp.is_some() {
+            c.train.amp = self.amp;
+        }
         c.train.memory_report |= self.memory_report;
         if self.official.is_some() {
             c.model.official = self.official.clone();

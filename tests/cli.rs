@@ -248,3 +248,35 @@ fn memory_report_writes_the_phase_profile_of_a_later_step() {
     );
     assert!(dir.path().join("run/memory.png").is_file());
 }
+
+#[test]
+fn mixed_precision_runs_train_end_to_end_and_records_the_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_dataset(dir.path());
+    for (amp, micro) in [("bf16", "1"), ("fp16", "2")] {
+        let out = format!("run-{amp}");
+        let mut args = vec![
+            "train",
+            "--output",
+            &out,
+            "--amp",
+            amp,
+            "--max-steps",
+            "2",
+            "--gradient-accumulation-steps",
+            micro,
+        ];
+        args.extend_from_slice(TINY);
+        let o = fsct(&args, dir.path());
+        assert!(o.status.success(), "{amp}: {}", text(&o));
+        let config = std::fs::read_to_string(dir.path().join(&out).join("config.toml")).unwrap();
+        assert!(config.contains(&format!("amp = \"{amp}\"")), "{config}");
+    }
+    // On CPU the default is fp32, and the effective config says so.
+    let o = fsct(&["train", "--dry-run"], dir.path());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("amp = \"off\""),
+        "{}",
+        text(&o)
+    );
+}

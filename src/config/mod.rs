@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::train::amp::AmpMode;
 pub use kinds::{Backbone, DatasetName, Method, Optimizer, Split};
 pub use resolve::{DatasetSource, Resolved};
 
@@ -139,6 +140,9 @@ pub struct TrainConfig {
     pub max_steps: u64,
     /// Micro-steps per episode: 1 = plain; 0 = auto (ResNet 4, others 2, the documented rule).
     pub gradient_accumulation_steps: u64,
+    /// Mixed precision: off, fp16 (autocast + dynamic loss scaler) or bf16 (autocast). Unset =
+    /// fp16 on CUDA, off on CPU.
+    pub amp: Option<AmpMode>,
     /// Recompute the backbone segment by segment in the backward (activation checkpointing):
     /// less memory, one more backbone forward; same gradient.
     pub checkpoint_activations: bool,
@@ -164,6 +168,7 @@ impl Default for TrainConfig {
             momentum: 0.9,
             max_steps: 0,
             gradient_accumulation_steps: 1,
+            amp: None,
             checkpoint_activations: false,
             memory_report: false,
             episodes_per_step: 1,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use tch::Device;
 
-use super::{Backbone, ConfigError, DatasetName, RunConfig};
+use super::{AmpMode, Backbone, ConfigError, DatasetName, RunConfig};
 
 /// Where the images come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +82,12 @@ impl RunConfig {
             w => w,
         };
         let device = parse_device(&c.run.device)?;
+        // fp16 + loss scaling is CUDA's usual choice; on CPU fp32 stays the default (see README).
+        c.train.amp.get_or_insert(if device.is_cuda() {
+            AmpMode::Fp16
+        } else {
+            AmpMode::Off
+        });
         Ok(Resolved {
             config: c,
             dataset,

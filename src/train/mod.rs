@@ -22,6 +22,7 @@ use crate::config::{DatasetSource, Resolved, Split};
 use crate::data::{self, EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex, TransformConfig};
 use crate::memory::{MemoryProfiler, NoProfile, Phase, PhaseSink};
 use crate::model::{self, FewShotModel, ModelConfig};
+use amp::{AmpMode, GradScaler};
 pub use eval::{evaluate, Accuracy, EvalEpisodes, TEST_EPOCH, VAL_EPOCH};
 use files::{save_weights, write_json, JsonLines};
 use plot::Curves;
@@ -231,6 +232,8 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
     // --memory-report: every step is profiled; the last one is reported (its optimizer state
     // exists, unlike the first step's).
     let mut profiler = c.train.memory_report.then(MemoryProfiler::new);
+    let amp = c.train.amp.unwrap_or(AmpMode::Off);
+    let mut scaler = GradScaler::for_mode(amp, r.device);
     let started = Instant::now();
     let mut metrics = JsonLines::create(&out.join("metrics.jsonl"))?;
     let mut curves = Curves::default();
@@ -282,11 +285,19 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
                 Some(p) => p,
                 None => &mut NoProfile,
             };
-            let out = step::forward_backward(&model, &flat, step_opts, sink);
+            // Autocast covers the forward (and so the backward) of this thread; the guard ends it.
+            let autocast = amp.autocast(r.device)?;
+            let opts = step::StepOptions {
+                loss_scale: scaler.scale_factor() * step_opts.loss_scale,
+                ..step_opts
+            };
+            let out = step::forward_backward(&model, &flat, opts, sink);
+            drop(autocast);
             // Host sync: reading the loss waits for the device.
             let loss = stats.add(&out, &target);
+            // In fp32 a non-finite loss is fatal; with fp16 the scaler skips the step and backs off.
             anyhow::ensure!(
-                loss.is_finite(),
+                loss.is_finite() || scaler.is_enabled(),
                 "the loss became {loss} in epoch {epoch}, episode {} (after {} optimizer steps); lower --learning-rate",
                 batch.index,
                 summary.steps
@@ -298,15 +309,23 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
             if (batch.index + 1) % k != 0 {
                 continue; // gradients wait for the rest of this step's episodes
             }
+            if let Some(p) = profiler.as_mut() {
+                p.enter(Phase::Optimizer);
+            }
+            scaler.unscale_(&opt.trainable_variables())?;
             if summary.steps == 0 {
                 if let Some(path) = &dumps.grads {
                     save_grads(&vs, path)?;
                 }
             }
-            if let Some(p) = profiler.as_mut() {
-                p.enter(Phase::Optimizer);
+            if !scaler.step(&mut opt)? {
+                tracing::warn!(
+                    "step {}: inf/NaN gradients at loss scale {}, step skipped",
+                    summary.steps + 1,
+                    scaler.scale_factor()
+                );
             }
-            opt.step();
+            scaler.update()?;
             summary.steps += 1;
             if let Some(p) = profiler.as_mut() {
                 p.end_step();

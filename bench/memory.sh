@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Memory and time per step on CPU for the documented out-of-memory case: trainable torchvision
+# ResNet34 at 224 px, 5-way 5-shot 16-query (105 images), VIC λ_V 0.5 λ_C 0.1, fp32 — with
+# micro-steps (1, 4) and activation checkpointing. Each setting trains 2 optimizer steps with
+# --memory-report; step 2 is reported (its AdamW state exists). Writes
+# bench/results/memory_<date>.md.
+#
+# Knobs: BACKBONE (TvResNet34), SIZE (224), SETTINGS (space-separated "M:ckpt" pairs),
+#        FSCT (the binary; default target/release/fsct-dist, built if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+backbone=${BACKBONE:-TvResNet34}
+size=${SIZE:-224}
+settings=${SETTINGS:-"1:off 4:off 4:on"}
+bin=${FSCT:-target/release/fsct-dist}
+[ -x "$bin" ] || cargo build --release
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$bin" data synth --out "$work/ds" --classes 6,5,5 --images-per-class 21 --size 96 >/dev/null
+
+rows=()
+for s in $settings; do
+  m=${s%%:*}
+  ckpt=${s##*:}
+  flags=(--gradient-accumulation-steps "$m")
+  [ "$ckpt" = on ] && flags+=(--checkpoint-activations)
+  out="$work/run-$m-$ckpt"
+  /usr/bin/time -f '%M' -o "$work/maxrss" "$bin" train --dataset "$work/ds" --backbone "$backbone" --image-size "$size" \
+    --n-way 5 --k-shot 5 --n-query 16 --lambda-v 0.5 --lambda-c 0.1 --max-steps 2 --epochs 1 \
+    --episodes-per-epoch 2 --val-episodes 1 --test-iter 1 --workers 2 --memory-report \
+    --output "$out" "${flags[@]}" >/dev/null 2>"$work/log" || { cat "$work/log" >&2; exit 1; }
+  row=$(python3 - "$out/memory.json" "$(cat "$work/maxrss")" "$m" "$ckpt" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+mib = lambda b: b / 2**20
+secs = sum(p["seconds"] for p in m["phases"])
+print(f"| {sys.argv[3]} | {sys.argv[4]} | {mib(m['step_bytes']):.0f} | {mib(m['peak_bytes']):.0f} | "
+      f"{mib(m['held_bytes']):.0f} | {int(sys.argv[2]) / 1024:.0f} | {secs:.1f} |")
+PY
+)
+  echo "$row"
+  rows+=("$row")
+done
+
+date=$(date +%Y%m%d)
+file=bench/results/memory_${date}.md
+{
+  echo "# Step memory on CPU: $backbone, ${size} px, 5-way 5-shot 16-query, VIC λ_V 0.5 λ_C 0.1, fp32"
+  echo
+  echo "Command: \`bash bench/memory.sh\` (SETTINGS=\"$settings\"). Date: $(date -u +%Y-%m-%d)."
+  echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB."
+  echo "Reported: step 2 of 2 (--memory-report); step MiB = peak − held (the working memory of a step);"
+  echo "process peak = whole-process max RSS (/usr/bin/time), which includes weights, gradients and AdamW state."
+  echo
+  echo "| micro-steps | checkpointing | step MiB | peak MiB | held MiB | process peak MiB | s/step |"
+  echo "|---:|---|---:|---:|---:|---:|---:|"
+  printf '%s\n' "${rows[@]}"
+} > "$file"
+echo "written to $file"
