@@ -103,6 +103,31 @@ fn python() -> Option<PathBuf> {
     ok(&py).then_some(py)
 }
 
+/// One run of the PIL pipeline (`bench/loader_pil.py`, one repeat): images/s; fills `versions`.
+fn pil_rate(
+    py: &Path,
+    script: &Path,
+    list_file: &Path,
+    size: u32,
+    workers: usize,
+    versions: &mut String,
+) -> Option<f64> {
+    let out = Command::new(py)
+        .arg(script)
+        .arg(list_file)
+        .args([size, workers as u32, SHAPE.total() as u32, 1].map(|v| v.to_string()))
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    *versions = format!(
+        "Python {}, Pillow {}, NumPy {}",
+        v["python"].as_str()?,
+        v["pillow"].as_str()?,
+        v["numpy"].as_str()?
+    );
+    v["images_per_s"].as_array()?.first()?.as_f64()
+}
+
 fn main() {
     let quick = std::env::var_os("FSCT_BENCH_QUICK").is_some();
     let (episodes, repeats) = if quick { (2u64, 1usize) } else { (6, 3) };
@@ -127,24 +152,68 @@ fn main() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/loader_pil.py");
     let mut versions = String::new();
 
-    // Where the time goes (one thread): decoding alone, then decode + transform to 84 px.
-    let t0 = Instant::now();
+    // Where the time goes (one thread, warm page cache): per-image ms for each stage, median of
+    // `repeats` passes over 100 files; the same stages of the PIL pipeline, timed by the script.
+    let stage_list = tmp.path().join("stages.txt");
+    std::fs::write(&stage_list, list[..100].join("\n")).unwrap();
+    let per_image = |f: &mut dyn FnMut()| {
+        f(); // warm-up
+        let mut v: Vec<f64> = (0..repeats)
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64() * 1e3 / 100.0
+            })
+            .collect();
+        median(&mut v)
+    };
+    let read_ms = per_image(&mut || {
+        for p in &list[..100] {
+            std::hint::black_box(std::fs::read(p).unwrap());
+        }
+    });
+    let decode_ms = per_image(&mut || {
+        for p in &list[..100] {
+            std::hint::black_box(fsct_dist::data::decode_image(Path::new(p), tmp.path()).unwrap());
+        }
+    });
     let imgs: Vec<_> = list[..100]
         .iter()
         .map(|p| fsct_dist::data::decode_image(Path::new(p), tmp.path()).unwrap())
         .collect();
-    let decode_ms = t0.elapsed().as_secs_f64() * 10.0;
-    let mut out = vec![0f32; 3 * 84 * 84];
-    let tf = TransformConfig {
-        image_size: 84,
-        augment: false,
-    };
-    let t0 = Instant::now();
-    for img in &imgs {
-        fsct_dist::data::transform_into(img, &tf, 0, 0, &mut out);
+    let mut stages = Vec::new();
+    for size in [84u32, 224] {
+        let mut out = vec![0f32; 3 * (size * size) as usize];
+        let tf = TransformConfig {
+            image_size: size,
+            augment: false,
+        };
+        let transform_ms = per_image(&mut || {
+            for img in &imgs {
+                fsct_dist::data::transform_into(img, &tf, 0, 0, &mut out);
+            }
+        });
+        let pil = py.as_ref().and_then(|py| {
+            let out = Command::new(py)
+                .arg(&script)
+                .arg("--stages")
+                .arg(&stage_list)
+                .args([size, repeats as u32].map(|v| v.to_string()))
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            Some([
+                v["decode_ms"].as_f64()?,
+                v["resize_crop_ms"].as_f64()?,
+                v["numpy_ms"].as_f64()?,
+            ])
+        });
+        eprintln!(
+            "{size} px per image: read {read_ms:.2} ms, decode (with read) {decode_ms:.2} ms, \
+             transform {transform_ms:.2} ms; PIL {pil:?}"
+        );
+        stages.push((size, transform_ms, pil));
     }
-    let transform_ms = t0.elapsed().as_secs_f64() * 10.0;
-    eprintln!("per image: decode {decode_ms:.2} ms, transform to 84 px {transform_ms:.2} ms");
 
     let mut rows = Vec::new();
     for size in [84u32, 224] {
@@ -162,38 +231,24 @@ fn main() {
             for ld in EpisodeLoader::new(split.clone(), SHAPE, cfg, 0, 0..1) {
                 ld.unwrap();
             }
-            let mut ours: Vec<f64> = (0..repeats)
-                .map(|_| {
-                    let t0 = Instant::now();
-                    for ld in EpisodeLoader::new(split.clone(), SHAPE, cfg, 0, 0..episodes) {
-                        ld.unwrap();
-                    }
-                    n_images / t0.elapsed().as_secs_f64()
-                })
-                .collect();
+            // Ours and PIL alternate, one measurement each per repeat, so that load from other
+            // jobs on the machine hits both sides alike.
+            let (mut ours, mut pil) = (Vec::new(), Vec::new());
+            for _ in 0..repeats {
+                let t0 = Instant::now();
+                for ld in EpisodeLoader::new(split.clone(), SHAPE, cfg, 0, 0..episodes) {
+                    ld.unwrap();
+                }
+                ours.push(n_images / t0.elapsed().as_secs_f64());
+                if let Some(r) = py
+                    .as_ref()
+                    .and_then(|py| pil_rate(py, &script, &list_file, size, workers, &mut versions))
+                {
+                    pil.push(r);
+                }
+            }
             let ours = median(&mut ours);
-            let pil = py.as_ref().and_then(|py| {
-                let out = Command::new(py)
-                    .arg(&script)
-                    .arg(&list_file)
-                    .args([size, workers as u32].map(|v| v.to_string()))
-                    .args([SHAPE.total(), repeats].map(|v| v.to_string()))
-                    .output()
-                    .ok()?;
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-                versions = format!(
-                    "Python {}, Pillow {}, NumPy {}",
-                    v["python"].as_str()?,
-                    v["pillow"].as_str()?,
-                    v["numpy"].as_str()?
-                );
-                let mut r: Vec<f64> = v["images_per_s"]
-                    .as_array()?
-                    .iter()
-                    .filter_map(|x| x.as_f64())
-                    .collect();
-                (!r.is_empty()).then(|| median(&mut r))
-            });
+            let pil = (!pil.is_empty()).then(|| median(&mut pil));
             eprintln!("{size} px, {workers} worker(s): ours {ours:.0} img/s, PIL {pil:?}");
             rows.push((size, workers, ours, pil));
         }
@@ -204,10 +259,12 @@ fn main() {
     let mut md = format!(
         "# Loader throughput, {date}\n\n\
          `cargo bench --bench loader`: {} JPEGs of 500×375 (quality 90), {episodes} episodes of \
-         {}-way {}-shot {}-query = {} images per measurement, median of {repeats}; no \
-         augmentation (resize shorter side + centre crop + normalise). PIL side: \
-         `bench/loader_pil.py` ({}), one episode per worker task, workers return only the \
-         array shape (transfer to the parent not counted).\n\n\
+         {}-way {}-shot {}-query = {} images per measurement, median of {repeats}, ours and PIL \
+         measured alternately; no augmentation (resize shorter side + centre crop + normalise). \
+         Ours: libjpeg-turbo {} (system library, `turbojpeg` crate), PIL's bilinear resampling \
+         in its fixed-point arithmetic. PIL side: `bench/loader_pil.py` ({}), one episode per \
+         worker task, workers return only the array shape (transfer to the parent not \
+         counted).\n\n\
          Machine: {} cores (`nproc`), {cpu}; shared with other jobs while measured.\n\n\
          | size | workers | ours (img/s) | PIL + NumPy (img/s) | ours / PIL |\n\
          |---:|---:|---:|---:|---:|\n",
@@ -216,6 +273,7 @@ fn main() {
         SHAPE.k_shot,
         SHAPE.n_query,
         SHAPE.total(),
+        sh("pkg-config --modversion libturbojpeg"),
         if versions.is_empty() {
             "not available"
         } else {
@@ -230,10 +288,25 @@ fn main() {
         };
         md.push_str(&format!("| {size} | {workers} | {ours:.0} | {p} | {r} |\n"));
     }
-    md.push_str(&format!(
-        "\nOne thread, per image: JPEG decode {decode_ms:.2} ms, resize + crop + normalise to 84 \
-         px {transform_ms:.2} ms.\n"
-    ));
+    md.push_str(
+        "\nWhere the time goes: one thread, ms per image (median of the passes over 100 files, \
+         page cache warm). Ours: decode includes reading the file; transform = resize + crop + \
+         normalise into the CHW f32 buffer. PIL: `Image.open(p).convert('RGB')`, then resize + \
+         crop, then the NumPy part (to float, CHW, normalise).\n\n\
+         | size | ours: read | ours: decode | ours: transform | ours: total | PIL: decode | \
+         PIL: resize + crop | PIL: NumPy | PIL: total |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (size, transform_ms, pil) in &stages {
+        let pil = match pil {
+            Some([d, r, n]) => format!("{d:.2} | {r:.2} | {n:.2} | {:.2}", d + r + n),
+            None => "– | – | – | –".into(),
+        };
+        md.push_str(&format!(
+            "| {size} | {read_ms:.2} | {decode_ms:.2} | {transform_ms:.2} | {:.2} | {pil} |\n",
+            decode_ms + transform_ms
+        ));
+    }
     println!("\n{md}");
     if !quick {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results");

@@ -19,8 +19,9 @@ cpu_extras=(nvidia-cuda-runtime==13.0.96.* nvidia-cuda-cupti==13.0.85.*)
 say() { printf 'setup: %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# 1. System packages: OpenMPI (rsmpi) and libclang (bindgen needs stddef.h from it).
-apt_packages=(libopenmpi-dev openmpi-bin libclang1-14 libclang-common-14-dev pkg-config g++ python3-venv)
+# 1. System packages: OpenMPI (rsmpi), libclang (bindgen needs stddef.h from it) and
+#    libjpeg-turbo's TurboJPEG library (JPEG decoding, found with pkg-config).
+apt_packages=(libopenmpi-dev openmpi-bin libclang1-14 libclang-common-14-dev pkg-config g++ python3-venv libturbojpeg0-dev)
 if [ "${FSCT_SKIP_APT:-0}" != 1 ] && command -v dpkg-query >/dev/null; then
   missing=()
   for p in "${apt_packages[@]}"; do
