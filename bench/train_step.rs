@@ -33,10 +33,22 @@ const QUERY: i64 = 16;
 fn ours(case: &Case, steps: usize) -> Vec<f64> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
-    let cfg = ModelConfig::new(Method::FsctCosine, case.backbone, WAY, SHOT, QUERY, case.size);
+    let cfg = ModelConfig::new(
+        Method::FsctCosine,
+        case.backbone,
+        WAY,
+        SHOT,
+        QUERY,
+        case.size,
+    );
     let model = FewShotModel::new(&vs.root(), &cfg).expect("model");
-    let mut opt = nn::adamw(0.9, 0.999, 1e-5).build(&vs, 1e-3).expect("optimizer");
-    let x = Tensor::randn([WAY, SHOT + QUERY, 3, case.size, case.size], (Kind::Float, Device::Cpu));
+    let mut opt = nn::adamw(0.9, 0.999, 1e-5)
+        .build(&vs, 1e-3)
+        .expect("optimizer");
+    let x = Tensor::randn(
+        [WAY, SHOT + QUERY, 3, case.size, case.size],
+        (Kind::Float, Device::Cpu),
+    );
     let mut times = Vec::new();
     for i in 0..steps + 1 {
         let t0 = Instant::now();
@@ -52,15 +64,37 @@ fn ours(case: &Case, steps: usize) -> Vec<f64> {
     times
 }
 
-fn pytorch(python: &str, case: &Case, steps: usize, threads: i32) -> Result<(Vec<f64>, String), String> {
+fn pytorch(
+    python: &str,
+    case: &Case,
+    steps: usize,
+    threads: i32,
+) -> Result<(Vec<f64>, String), String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/train_step_pytorch.py");
-    let args = [case.name.to_string(), case.size.to_string(), WAY.to_string(), SHOT.to_string(), QUERY.to_string(), steps.to_string(), threads.to_string()];
-    let out = Command::new(python).arg(script).args(args).output().map_err(|e| format!("{python}: {e}"))?;
+    let args = [
+        case.name.to_string(),
+        case.size.to_string(),
+        WAY.to_string(),
+        SHOT.to_string(),
+        QUERY.to_string(),
+        steps.to_string(),
+        threads.to_string(),
+    ];
+    let out = Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{python}: {e}"))?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    let times = v["step_s"].as_array().ok_or("no step_s")?.iter().filter_map(|t| t.as_f64()).collect();
+    let times = v["step_s"]
+        .as_array()
+        .ok_or("no step_s")?
+        .iter()
+        .filter_map(|t| t.as_f64())
+        .collect();
     Ok((times, v["torch"].as_str().unwrap_or("?").to_string()))
 }
 
@@ -76,12 +110,24 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() {
     let quick = std::env::var("FSCT_BENCH_QUICK").is_ok();
-    let python = std::env::var("FSCT_TORCH_PYTHON").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-torch/bin/python").to_string());
+    let python = std::env::var("FSCT_TORCH_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-torch/bin/python").to_string()
+    });
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
     tch::set_num_threads(threads);
     let cases = [
-        Case { backbone: Backbone::Conv4, name: "Conv4", size: 84, steps: if quick { 2 } else { 5 } },
-        Case { backbone: Backbone::ResNet34, name: "ResNet34", size: 112, steps: if quick { 1 } else { 2 } },
+        Case {
+            backbone: Backbone::Conv4,
+            name: "Conv4",
+            size: 84,
+            steps: if quick { 2 } else { 5 },
+        },
+        Case {
+            backbone: Backbone::ResNet34,
+            name: "ResNet34",
+            size: 112,
+            steps: if quick { 1 } else { 2 },
+        },
     ];
     let rounds = if quick { 1 } else { 2 };
     let mut rows = Vec::new();
@@ -95,22 +141,45 @@ fn main() {
                     b.extend(t);
                     torch_version = v;
                 }
-                Err(e) => eprintln!("PyTorch side failed ({e}); see the header of bench/train_step.rs"),
+                Err(e) => {
+                    eprintln!("PyTorch side failed ({e}); see the header of bench/train_step.rs")
+                }
             }
         }
-        let (ma, mb) = (median(&mut a), if b.is_empty() { f64::NAN } else { median(&mut b) });
+        let (ma, mb) = (
+            median(&mut a),
+            if b.is_empty() {
+                f64::NAN
+            } else {
+                median(&mut b)
+            },
+        );
         let row = format!(
             "| {} {} px, 5-way 5-shot 16-query | {:.3} | {:.3} | {:.2} | {} / {} |",
-            case.name, case.size, ma, mb, mb / ma, a.len(), b.len()
+            case.name,
+            case.size,
+            ma,
+            mb,
+            mb / ma,
+            a.len(),
+            b.len()
         );
         println!("{row}");
         rows.push(row);
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let date = Command::new("date").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let date = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let table = format!(
         "# CPU training step: fsct-dist vs PyTorch eager\n\n\
          Command: `cargo bench --bench train_step`{}\n\
