@@ -25,12 +25,17 @@ pub fn reset_peak() -> bool {
     fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Tests that reset the process-wide peak take this lock, so they do not reset each other's.
+#[cfg(test)]
+pub(crate) static PEAK_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn peak_sees_a_transient_allocation_and_resets() {
+        let _peak = PEAK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let (Some((_, _)), true) = (rss_bytes(), reset_peak()) else {
             return; // no /proc here: nothing to measure
         };
