@@ -25,11 +25,15 @@ for s in $settings; do
   ckpt=${s##*:}
   flags=(--gradient-accumulation-steps "$m")
   [ "$ckpt" = on ] && flags+=(--checkpoint-activations)
+  common=(--dataset "$work/ds" --backbone "$backbone" --image-size "$size" --n-way 5 --k-shot 5
+          --n-query 16 --lambda-v 0.5 --lambda-c 0.1 --max-steps 2 --epochs 1 --episodes-per-epoch 2
+          --val-episodes 1 --test-iter 1 --workers 2 "${flags[@]}")
+  # Whole-process peak: a run without --memory-report (its per-phase peak resets would hide
+  # the process maximum from getrusage).
+  /usr/bin/time -f '%M' -o "$work/maxrss" "$bin" train "${common[@]}" --output "$work/plain" >/dev/null 2>"$work/log" \
+    || { cat "$work/log" >&2; exit 1; }
   out="$work/run-$m-$ckpt"
-  /usr/bin/time -f '%M' -o "$work/maxrss" "$bin" train --dataset "$work/ds" --backbone "$backbone" --image-size "$size" \
-    --n-way 5 --k-shot 5 --n-query 16 --lambda-v 0.5 --lambda-c 0.1 --max-steps 2 --epochs 1 \
-    --episodes-per-epoch 2 --val-episodes 1 --test-iter 1 --workers 2 --memory-report \
-    --output "$out" "${flags[@]}" >/dev/null 2>"$work/log" || { cat "$work/log" >&2; exit 1; }
+  "$bin" train "${common[@]}" --memory-report --output "$out" >/dev/null 2>"$work/log" || { cat "$work/log" >&2; exit 1; }
   row=$(python3 - "$out/memory.json" "$(cat "$work/maxrss")" "$m" "$ckpt" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
@@ -51,7 +55,8 @@ file=bench/results/memory_${date}.md
   echo "Command: \`bash bench/memory.sh\` (SETTINGS=\"$settings\"). Date: $(date -u +%Y-%m-%d)."
   echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB."
   echo "Reported: step 2 of 2 (--memory-report); step MiB = peak − held (the working memory of a step);"
-  echo "process peak = whole-process max RSS (/usr/bin/time), which includes weights, gradients and AdamW state."
+  echo "process peak = whole-process max RSS of the same run without --memory-report (/usr/bin/time; includes weights,"
+  echo "gradients, AdamW state and the evaluation episodes); s/step = the reported step's duration."
   echo
   echo "| micro-steps | checkpointing | step MiB | peak MiB | held MiB | process peak MiB | s/step |"
   echo "|---:|---|---:|---:|---:|---:|---:|"
