@@ -256,7 +256,9 @@ mod tests {
 
     #[test]
     fn a_step_records_its_phases_and_the_peak_of_a_transient_buffer() {
-        let _peak = super::super::rss::PEAK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _peak = super::super::rss::PEAK_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if rss_bytes().is_none() || !reset_peak() {
             return;
         }
