@@ -157,6 +157,9 @@ pub struct RunArgs {
     /// Mixed precision: off, fp16 (with loss scaling) or bf16 (default: fp16 on CUDA, off on CPU).
     #[arg(long, value_enum)]
     pub amp: Option<crate::train::amp::AmpMode>,
+    /// FS-CT modules kept in fp32 under --amp, comma-separated: ATTN, FFN, linear.
+    #[arg(long = "fp32-modules", value_delimiter = ',')]
+    pub fp32_modules: Option<Vec<String>>,
     /// Activation checkpointing of backbone stages (less memory, one more forward).
     #[arg(long = "checkpoint-activations")]
     pub checkpoint_activations: bool,
@@ -236,6 +239,7 @@ impl RunArgs {
         set(&mut c.model.lambda_i, &self.lambda_i);
         set(&mut c.model.lambda_v, &self.lambda_v);
         set(&mut c.model.lambda_c, &self.lambda_c);
+        set(&mut c.model.fp32_modules, &self.fp32_modules);
         if self.pretrained.is_some() {
             c.model.pretrained = self.pretrained.clone();
         }

@@ -99,6 +99,8 @@ pub struct ModelSection {
     pub pretrained: Option<PathBuf>,
     /// Keep backbone weights fixed (only the head trains).
     pub freeze_backbone: bool,
+    /// FS-CT modules kept in fp32 under --amp (official names): `ATTN`, `FFN`, `linear`.
+    pub fp32_modules: Vec<String>,
     /// An official FS-CT state_dict (safetensors, official names) to start from.
     pub official: Option<PathBuf>,
 }
@@ -118,6 +120,7 @@ impl Default for ModelSection {
             lambda_c: 0.0,
             pretrained: None,
             freeze_backbone: false,
+            fp32_modules: Vec::new(),
             official: None,
         }
     }

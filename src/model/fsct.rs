@@ -136,6 +136,48 @@ pub struct FsctHead {
     head_lin: Linear,
     head_out: Out,
     depth: i64,
+    fp32: Fp32Modules,
+}
+
+/// Head modules kept in fp32 under autocast (config `fp32_modules`, official module names):
+/// the cosine attention `ATTN`, the feed-forward block `FFN`, the output head `linear`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fp32Modules {
+    pub attn: bool,
+    pub ffn: bool,
+    pub linear: bool,
+}
+
+impl Fp32Modules {
+    pub const NAMES: [&'static str; 3] = ["ATTN", "FFN", "linear"];
+
+    /// From official module names; an unknown name is returned as the error.
+    pub fn from_names(names: &[String]) -> Result<Self, String> {
+        let mut m = Self::default();
+        for n in names {
+            match n.as_str() {
+                "ATTN" => m.attn = true,
+                "FFN" => m.ffn = true,
+                "linear" => m.linear = true,
+                other => return Err(other.to_string()),
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Runs `f` with autocast disabled when `fp32` (as a `torch.autocast(enabled=False)` region),
+/// handing it its input cast back to float; otherwise runs it as is.
+fn region(fp32: bool, x: &Tensor, f: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
+    if !fp32 {
+        return f(x);
+    }
+    // Without a working shim there is no autocast to disable either.
+    let _guard = crate::ffi::autocast_disabled(x.device()).ok();
+    match x.kind() {
+        tch::Kind::Half | tch::Kind::BFloat16 => f(&x.to_kind(tch::Kind::Float)),
+        _ => f(x),
+    }
 }
 
 /// Hyper-parameters of the FS-CT head.
@@ -186,7 +228,14 @@ impl FsctHead {
             head_lin,
             head_out,
             depth,
+            fp32: Fp32Modules::default(),
         }
+    }
+
+    /// Keeps the named modules in fp32 under autocast.
+    pub fn with_fp32(mut self, fp32: Fp32Modules) -> Self {
+        self.fp32 = fp32;
+        self
     }
 
     /// `support` (n, k, d), `query` (Q, d) → logits (Q, n).
@@ -197,18 +246,31 @@ impl FsctHead {
             .unsqueeze(0); // (1, n, d)
         let query = query.unsqueeze(1); // (Q, 1, d)
         let mut x = proto;
+        let fp32 = self.fp32;
         for _ in 0..self.depth {
-            x = self.attn.forward(&x, &query) + x; // broadcasts to (Q, n, d)
-            let h = self
-                .ffn2
-                .forward(&self.ffn1.forward(&self.ffn_ln.forward(&x)).gelu("none"));
+            // The attention's keys are the queries: both enter the fp32 region together.
+            let a = region(fp32.attn, &x, |x| {
+                let q = if fp32.attn && query.kind() != x.kind() {
+                    query.to_kind(x.kind())
+                } else {
+                    query.shallow_clone()
+                };
+                self.attn.forward(x, &q)
+            });
+            x = a + x; // broadcasts to (Q, n, d)
+            let h = region(fp32.ffn, &x, |x| {
+                self.ffn2
+                    .forward(&self.ffn1.forward(&self.ffn_ln.forward(x)).gelu("none"))
+            });
             x = h + x;
         }
-        let h = self.head_lin.forward(&self.head_ln.forward(&x)); // (Q, n, dh)
-        let s = match &self.head_out {
-            Out::Cosine(c) => c.forward(&h),
-            Out::Linear(l) => l.forward(&h),
-        };
+        let s = region(fp32.linear, &x, |x| {
+            let h = self.head_lin.forward(&self.head_ln.forward(x)); // (Q, n, dh)
+            match &self.head_out {
+                Out::Cosine(c) => c.forward(&h),
+                Out::Linear(l) => l.forward(&h),
+            }
+        });
         // (Q, n, 1) → (Q, n); the official `.squeeze()` would also drop Q = 1 or n = 1.
         s.squeeze_dim(-1)
     }

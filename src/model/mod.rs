@@ -34,7 +34,7 @@ use tch::{nn, Kind, Tensor};
 pub use backbone::{output_shape, FeatureNet};
 pub use ctx::{protonet_logits, CtxHead};
 pub use error::ModelError;
-pub use fsct::{AttnVariant, FsctDims, FsctHead};
+pub use fsct::{AttnVariant, Fp32Modules, FsctDims, FsctHead};
 pub use import::{
     freeze_backbone, load_official, load_official_with, load_torchvision,
     read_safetensors_metadata, LoadOptions, LoadReport,
@@ -70,6 +70,8 @@ pub struct ModelConfig {
     pub lambda_v: f64,
     /// Weight of the VIC covariance term. Default 0 (term not computed).
     pub lambda_c: f64,
+    /// FS-CT head modules kept in fp32 under autocast: `ATTN`, `FFN`, `linear`. Default none.
+    pub fp32_modules: Vec<String>,
 }
 
 impl ModelConfig {
@@ -97,6 +99,7 @@ impl ModelConfig {
             lambda_i: 1.0,
             lambda_v: 0.0,
             lambda_c: 0.0,
+            fp32_modules: Vec::new(),
         }
     }
 
@@ -206,10 +209,14 @@ impl FewShotModel {
                     dim_head: cfg.dim_head,
                     mlp_dim: cfg.mlp_dim,
                 };
-                (
-                    Head::Fsct(Box::new(FsctHead::new(root, dims, variant))),
-                    vec![c * h * w],
-                )
+                let fp32 = Fp32Modules::from_names(&cfg.fp32_modules).map_err(|name| {
+                    ModelError::InvalidConfig(format!(
+                        "fp32_modules: `{name}` is not an FS-CT module; use any of {:?}",
+                        Fp32Modules::NAMES
+                    ))
+                })?;
+                let head = FsctHead::new(root, dims, variant).with_fp32(fp32);
+                (Head::Fsct(Box::new(head)), vec![c * h * w])
             }
             Method::CtxCosine | Method::CtxSoftmax => {
                 let head = CtxHead::new(root, c, cfg.dim_attn, cfg.method == Method::CtxCosine);

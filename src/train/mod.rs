@@ -114,6 +114,7 @@ pub fn model_config(r: &Resolved) -> ModelConfig {
     m.lambda_i = c.model.lambda_i;
     m.lambda_v = c.model.lambda_v;
     m.lambda_c = c.model.lambda_c;
+    m.fp32_modules = c.model.fp32_modules.clone();
     m
 }
 
