@@ -1,6 +1,8 @@
 //! Mixed precision: the loss scaler follows PyTorch's GradScaler (growth, backoff, skipped
 //! steps, exact unscaling), and CPU autocast through the shim really computes in bf16 and trains.
 
+mod common;
+use common::worst_grad_error;
 use fsct_dist::config::{Backbone, Method};
 use fsct_dist::ffi::{self, autocast, autocast_disabled};
 use fsct_dist::model::{FewShotModel, ModelConfig};
@@ -241,31 +243,6 @@ fn amp_mode_names_are_lower_case() {
     assert_eq!(AmpMode::Fp16.kind(), Some(Kind::Half));
     assert_eq!(AmpMode::Bf16.kind(), Some(Kind::BFloat16));
     assert!(AmpMode::Off.autocast(CPU).unwrap().is_none());
-}
-
-/// Per-tensor ‖a − b‖ / max(‖b‖, 1e-3·G) over the gradients of two twin stores, the worst one.
-fn worst_grad_error(a: &nn::VarStore, b: &nn::VarStore) -> (f64, String) {
-    let (va, vb) = (a.variables(), b.variables());
-    let total = vb
-        .values()
-        .filter(|t| t.grad().defined())
-        .map(|t| t.grad().norm().double_value(&[]).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let mut worst = (0.0, String::new());
-    for (name, tb) in &vb {
-        let gb = tb.grad();
-        if !gb.defined() {
-            continue;
-        }
-        let ga = va[name].grad();
-        let err =
-            (&ga - &gb).norm().double_value(&[]) / gb.norm().double_value(&[]).max(1e-3 * total);
-        if err > worst.0 {
-            worst = (err, name.clone());
-        }
-    }
-    worst
 }
 
 /// ‖a − b‖ / ‖b‖ over all gradients of two twin stores together.

@@ -1,6 +1,8 @@
 //! Micro-steps are exact: the recompute-with-embedding-gradient step gives the gradient of one
 //! plain forward/backward over the same BatchNorm groups, and the same running statistics.
 
+mod common;
+use common::worst_grad_error;
 use fsct_dist::config::{Backbone, Method};
 use fsct_dist::memory::NoProfile;
 use fsct_dist::model::{BnMode, FewShotModel, ModelConfig};
@@ -66,37 +68,6 @@ fn plain_backward_over_groups(model: &FewShotModel, x: &Tensor, m: i64) {
     model.head(&Tensor::cat(&parts, 0)).loss.backward();
 }
 
-/// Per-tensor error ‖a − b‖ / max(‖b‖, 1e-3·G), G the norm of all reference gradients.
-fn max_grad_error(a: &nn::VarStore, b: &nn::VarStore) -> (f64, String) {
-    let (va, vb) = (a.variables(), b.variables());
-    let total: f64 = vb
-        .values()
-        .filter(|t| t.grad().defined())
-        .map(|t| {
-            t.grad()
-                .pow_tensor_scalar(2)
-                .sum(Kind::Double)
-                .double_value(&[])
-        })
-        .sum::<f64>()
-        .sqrt();
-    let mut worst = (0.0, String::new());
-    for (name, tb) in &vb {
-        let gb = tb.grad();
-        if !gb.defined() {
-            continue;
-        }
-        let ga = va[name].grad();
-        assert!(ga.defined(), "{name}: no gradient from the micro-step path");
-        let err =
-            (&ga - &gb).norm().double_value(&[]) / gb.norm().double_value(&[]).max(1e-3 * total);
-        if err > worst.0 {
-            worst = (err, name.clone());
-        }
-    }
-    worst
-}
-
 fn buffers_equal(a: &nn::VarStore, b: &nn::VarStore) -> f64 {
     let (va, vb) = (a.variables(), b.variables());
     va.iter()
@@ -118,7 +89,7 @@ fn micro_steps_equal_one_plain_backward_over_the_same_groups() {
             plain_backward_over_groups(&reference, &x, m);
             let out = forward_backward(&model, &x, opts(m, false, 1.0), &mut NoProfile);
             assert!(out.loss.double_value(&[]).is_finite());
-            let (err, name) = max_grad_error(&vs, &vs_ref);
+            let (err, name) = worst_grad_error(&vs, &vs_ref);
             assert!(
                 err <= 1e-5,
                 "{method:?} M={m}: gradient of {name} differs by {err:.2e}"
@@ -150,7 +121,7 @@ fn activation_checkpointing_gives_the_same_gradients_and_statistics() {
             let (vs, model) = twin(&vs_ref, method, backbone, size);
             forward_backward(&reference, &x, opts(m, false, 1.0), &mut NoProfile);
             forward_backward(&model, &x, opts(m, true, 1.0), &mut NoProfile);
-            let (err, name) = max_grad_error(&vs, &vs_ref);
+            let (err, name) = worst_grad_error(&vs, &vs_ref);
             assert!(err <= 1e-5, "{method:?}/{backbone:?} M={m}: checkpointed gradient of {name} differs by {err:.2e}");
             let stats = buffers_equal(&vs, &vs_ref);
             assert!(
@@ -173,7 +144,7 @@ fn batchnorm_groups_change_the_objective() {
     let (vs4, m4) = twin(&vs1, Method::FsctCosine, Backbone::Conv4, SIZE);
     forward_backward(&m1, &x, opts(1, false, 1.0), &mut NoProfile);
     forward_backward(&m4, &x, opts(4, false, 1.0), &mut NoProfile);
-    let (err, _) = max_grad_error(&vs4, &vs1);
+    let (err, _) = worst_grad_error(&vs4, &vs1);
     assert!(
         err > 1e-3,
         "4 BatchNorm groups should change the gradient, got {err:.2e}"
@@ -196,7 +167,7 @@ fn loss_scale_scales_every_gradient() {
             let _ = g.g_mul_scalar_(2.0);
         }
     }
-    let (err, name) = max_grad_error(&vs_a, &vs_b);
+    let (err, name) = worst_grad_error(&vs_a, &vs_b);
     assert!(
         err <= 1e-6,
         "2 × (gradient at scale 0.5) differs from scale 1 in {name}: {err:.2e}"
