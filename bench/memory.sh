@@ -5,7 +5,9 @@
 # --memory-report; step 2 is reported (its AdamW state exists). Writes
 # bench/results/memory_<date>.md.
 #
-# Knobs: BACKBONE (TvResNet34), SIZE (224), SETTINGS (space-separated "M:ckpt" pairs),
+# Knobs: BACKBONE (TvResNet34), SIZE (224), SETTINGS (space-separated "M:ckpt[:novic]" items;
+#        novic sets λ_V = λ_C = 0, to measure what the VIC terms add),
+#        TAG (suffix of the result file name),
 #        FSCT (the binary; default target/release/fsct-dist, built if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,12 +23,13 @@ trap 'rm -rf "$work"' EXIT
 
 rows=()
 for s in $settings; do
-  m=${s%%:*}
-  ckpt=${s##*:}
+  IFS=: read -r m ckpt vic <<<"$s"
+  vic=${vic:-vic}
   flags=(--gradient-accumulation-steps "$m")
+  if [ "$vic" = novic ]; then flags+=(--lambda-v 0 --lambda-c 0); else flags+=(--lambda-v 0.5 --lambda-c 0.1); fi
   [ "$ckpt" = on ] && flags+=(--checkpoint-activations)
   common=(--dataset "$work/ds" --backbone "$backbone" --image-size "$size" --n-way 5 --k-shot 5
-          --n-query 16 --lambda-v 0.5 --lambda-c 0.1 --max-steps 2 --epochs 1 --episodes-per-epoch 2
+          --n-query 16 --max-steps 2 --epochs 1 --episodes-per-epoch 2
           --val-episodes 1 --test-iter 1 --workers 2 "${flags[@]}")
   # Whole-process peak: a run without --memory-report (its per-phase peak resets would hide
   # the process maximum from getrusage).
@@ -34,12 +37,12 @@ for s in $settings; do
     || { cat "$work/log" >&2; exit 1; }
   out="$work/run-$m-$ckpt"
   "$bin" train "${common[@]}" --memory-report --output "$out" >/dev/null 2>"$work/log" || { cat "$work/log" >&2; exit 1; }
-  row=$(python3 - "$out/memory.json" "$(cat "$work/maxrss")" "$m" "$ckpt" <<'PY'
+  row=$(python3 - "$out/memory.json" "$(cat "$work/maxrss")" "$m" "$ckpt" "$vic" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
 mib = lambda b: b / 2**20
 secs = sum(p["seconds"] for p in m["phases"])
-print(f"| {sys.argv[3]} | {sys.argv[4]} | {mib(m['step_bytes']):.0f} | {mib(m['peak_bytes']):.0f} | "
+print(f"| {sys.argv[3]} | {sys.argv[4]} | {sys.argv[5]} | {mib(m['step_bytes']):.0f} | {mib(m['peak_bytes']):.0f} | "
       f"{mib(m['held_bytes']):.0f} | {int(sys.argv[2]) / 1024:.0f} | {secs:.1f} |")
 PY
 )
@@ -48,9 +51,9 @@ PY
 done
 
 date=$(date +%Y%m%d)
-file=bench/results/memory_${date}.md
+file=bench/results/memory_${date}${TAG:+_$TAG}.md
 {
-  echo "# Step memory on CPU: $backbone, ${size} px, 5-way 5-shot 16-query, VIC λ_V 0.5 λ_C 0.1, fp32"
+  echo "# Step memory on CPU: $backbone, ${size} px, 5-way 5-shot 16-query, fp32 (VIC: λ_V 0.5 λ_C 0.1)"
   echo
   echo "Command: \`bash bench/memory.sh\` (SETTINGS=\"$settings\"). Date: $(date -u +%Y-%m-%d)."
   echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB."
@@ -58,8 +61,8 @@ file=bench/results/memory_${date}.md
   echo "process peak = whole-process max RSS of the same run without --memory-report (/usr/bin/time; includes weights,"
   echo "gradients, AdamW state and the evaluation episodes); s/step = the reported step's duration."
   echo
-  echo "| micro-steps | checkpointing | step MiB | peak MiB | held MiB | process peak MiB | s/step |"
-  echo "|---:|---|---:|---:|---:|---:|---:|"
+  echo "| micro-steps | checkpointing | VIC | step MiB | peak MiB | held MiB | process peak MiB | s/step |"
+  echo "|---:|---|---|---:|---:|---:|---:|---:|"
   printf '%s\n' "${rows[@]}"
 } > "$file"
 echo "written to $file"
