@@ -8,7 +8,7 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::data::{EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex};
-use crate::model::{labels, FewShotModel};
+use crate::model::{correct, FewShotModel};
 
 /// Episode-key "epochs" reserved for evaluation, so validation draws the same episodes every
 /// epoch (a fair comparison for model selection) and never the training ones.
@@ -64,7 +64,6 @@ pub fn evaluate(
     mut on_episode: impl FnMut(),
 ) -> Result<Accuracy> {
     let _guard = tch::no_grad_guard();
-    let target = labels(set.shape.n_way as i64, set.shape.n_query as i64).to_device(device);
     let mut acc = Vec::with_capacity(set.count as usize);
     for batch in EpisodeLoader::new(
         set.split,
@@ -75,12 +74,9 @@ pub fn evaluate(
     ) {
         let batch = batch?;
         let out = model.forward(&batch.images.to_device(device), false);
-        let hits = out
-            .logits
-            .argmax(-1, false)
-            .eq_tensor(&target)
-            .to_kind(tch::Kind::Float);
-        acc.push(100.0 * hits.mean(tch::Kind::Float).double_value(&[]));
+        let queries = out.logits.size()[0];
+        let hits = correct(&out.logits, set.shape.n_query as i64, 0);
+        acc.push(100.0 * hits as f64 / queries as f64);
         on_episode();
     }
     Ok(Accuracy::from_episodes(&acc))

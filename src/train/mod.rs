@@ -246,7 +246,6 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
         test: None,
         seconds: 0.0,
     };
-    let target = model::labels(c.episode.n_way, c.episode.n_query).to_device(r.device);
     let max_steps = if c.train.max_steps == 0 {
         u64::MAX
     } else {
@@ -259,7 +258,7 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
         let k = c.train.episodes_per_step;
         let remaining = max_steps - summary.steps;
         let episodes = c.train.episodes_per_epoch.min(remaining.saturating_mul(k));
-        let loader = EpisodeLoader::new(
+        let mut loader = EpisodeLoader::new(
             base.clone(),
             shape,
             loader_config(r, c.data.train_aug),
@@ -267,7 +266,6 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
             0..episodes,
         );
         let mut stats = EpochStats::new();
-        let mut loader = loader;
         loop {
             let starts_step = profiler.is_some() && stats.episodes() % k == 0;
             if let Some(p) = profiler.as_mut() {
@@ -295,7 +293,7 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
             let out = step::forward_backward(&model, &flat, opts, sink);
             drop(autocast);
             // Host sync: reading the loss waits for the device.
-            let loss = stats.add(&out, &target);
+            let loss = stats.add(&out, c.episode.n_query);
             // In fp32 a non-finite loss is fatal; with fp16 the scaler skips the step and backs off.
             anyhow::ensure!(
                 loss.is_finite() || scaler.is_enabled(),
@@ -472,14 +470,10 @@ impl EpochStats {
     }
 
     /// Records one episode; returns its loss.
-    fn add(&mut self, out: &model::HeadOutput, target: &tch::Tensor) -> f64 {
+    fn add(&mut self, out: &model::HeadOutput, n_query: i64) -> f64 {
         let loss = out.loss.double_value(&[]);
-        let hits = out
-            .logits
-            .argmax(-1, false)
-            .eq_tensor(target)
-            .to_kind(tch::Kind::Float);
-        self.acc_sum += 100.0 * hits.mean(tch::Kind::Float).double_value(&[]);
+        let queries = out.logits.size()[0];
+        self.acc_sum += 100.0 * model::correct(&out.logits, n_query, 0) as f64 / queries as f64;
         self.acc_n += 1;
         self.window_loss += loss;
         self.window_n += 1;
