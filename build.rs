@@ -17,6 +17,8 @@ fn main() {
         .canonicalize()
         .unwrap_or_else(|_| Path::new(&lib).to_path_buf());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // Where the NCCL backend looks for the wheel's libnccl.so.2 if it is not loaded already.
+    println!("cargo:rustc-env=FSCT_TORCH_LIB={}", lib.display());
     // `--as-needed` would drop libtorch_cuda.so (no symbol is referenced directly) and CUDA would
     // look absent on a GPU machine. Keep it only with the full wheel set: the CPU-minimal install
     // ships libtorch_cuda.so without cuDNN/cuBLAS, and linking it there fails at load time.
@@ -45,8 +47,16 @@ fn compile_shim(lib: &Path) {
         .pic(true)
         .std("c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
+        // -isystem: libtorch's headers are not ours to warn about.
+        .flag("-isystem")
+        .flag(include.to_string_lossy().as_ref())
+        .flag("-isystem")
+        .flag(
+            include
+                .join("torch/csrc/api/include")
+                .to_string_lossy()
+                .as_ref(),
+        )
         .file("csrc/shim.cpp")
         .compile("fsct_shim");
 }

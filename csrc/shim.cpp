@@ -30,6 +30,16 @@ TORCH_API void set_autocast_cache_enabled(bool enabled);
 }  // namespace at::autocast
 #endif
 
+// The device allocator interface (c10, no CUDA headers needed): CUDA's caching allocator
+// registers itself here when libtorch_cuda is loaded, so the same code reports "not available"
+// on a CPU-only build instead of failing to link.
+#include <c10/core/CachingDeviceAllocator.h>
+
+namespace at::accelerator {
+// As in <ATen/DeviceAccelerator.h> (torch 2.11), declared here for the same build-time reason.
+TORCH_API void setDeviceIndex(c10::DeviceIndex device_index);
+}  // namespace at::accelerator
+
 #include <exception>
 #include <string>
 
@@ -168,6 +178,60 @@ int fsct_autocast_is_cache_enabled(int* enabled) {
 int fsct_autocast_set_cache_enabled(int enabled) {
   return guarded([&] {
     at::autocast::set_autocast_cache_enabled(enabled != 0);
+    return OK;
+  });
+}
+
+// CUDA caching-allocator statistics of device `index`, in bytes (the AGGREGATE pool):
+// out[0] allocated now, out[1] allocated peak, out[2] reserved now, out[3] reserved peak,
+// out[4] number of OOMs so far. Fails with a message when no CUDA allocator is registered.
+int fsct_cuda_memory_stats(int index, long long* out) {
+  return guarded([&] {
+    auto* a = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    const auto s = a->getDeviceStats(static_cast<c10::DeviceIndex>(index));
+    constexpr auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    out[0] = s.allocated_bytes[agg].current;
+    out[1] = s.allocated_bytes[agg].peak;
+    out[2] = s.reserved_bytes[agg].current;
+    out[3] = s.reserved_bytes[agg].peak;
+    out[4] = s.num_ooms;
+    return OK;
+  });
+}
+
+// Resets the peak statistics of device `index` to the current values.
+int fsct_cuda_reset_peak(int index) {
+  return guarded([&] {
+    c10::getDeviceAllocator(c10::DeviceType::CUDA)
+        ->resetPeakStats(static_cast<c10::DeviceIndex>(index));
+    return OK;
+  });
+}
+
+// Returns every unused cached block to the driver (torch.cuda.empty_cache()).
+int fsct_cuda_empty_cache() {
+  return guarded([&] {
+    c10::getDeviceAllocator(c10::DeviceType::CUDA)->emptyCache();
+    return OK;
+  });
+}
+
+// Free and total device memory of device `index` (cudaMemGetInfo), in bytes.
+int fsct_cuda_memory_info(int index, long long* free_bytes, long long* total_bytes) {
+  return guarded([&] {
+    const auto [free, total] =
+        c10::getDeviceAllocator(c10::DeviceType::CUDA)
+            ->getMemoryInfo(static_cast<c10::DeviceIndex>(index));
+    *free_bytes = static_cast<long long>(free);
+    *total_bytes = static_cast<long long>(total);
+    return OK;
+  });
+}
+
+// Makes CUDA device `index` current on this thread (NCCL creates its communicator there).
+int fsct_cuda_set_device(int index) {
+  return guarded([&] {
+    at::accelerator::setDeviceIndex(static_cast<c10::DeviceIndex>(index));
     return OK;
   });
 }

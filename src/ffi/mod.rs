@@ -17,6 +17,8 @@
 //! assert_eq!(x.matmul(&w).kind(), Kind::Float);
 //! ```
 
+pub mod cuda;
+
 use std::ffi::CStr;
 use std::marker::PhantomData;
 use std::os::raw::c_int;

@@ -1,7 +1,8 @@
-//! Per-phase memory of a training step (`--memory-report`): for each phase the resident bytes at
+//! Per-phase memory of a training step (`--memory-report`): for each phase the bytes in use at
 //! its end and the peak during it, plus what the step started with (`held_bytes`: weights,
-//! optimizer state, runtime) and its overall peak. On CPU the numbers are the process's resident
-//! set; the peak counter is reset at every phase boundary.
+//! optimizer state, runtime) and its overall peak. On CUDA the numbers are the caching
+//! allocator's allocated bytes (reserved bytes alongside); on CPU the process's resident set.
+//! The peak counter is reset at every phase boundary.
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,7 +11,7 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use super::rss::{reset_peak, rss_bytes};
+use super::meter::Meter;
 use crate::train::files::{write_atomic_with, write_json};
 
 /// The phases of one optimizer step, in order.
@@ -46,10 +47,15 @@ impl PhaseSink for NoProfile {
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseRow {
     pub phase: Phase,
-    /// Resident bytes when the phase ended.
+    /// Bytes in use when the phase ended.
     pub current_bytes: u64,
-    /// Peak resident bytes during the phase.
+    /// Peak bytes in use during the phase.
     pub peak_bytes: u64,
+    /// CUDA only: the allocator's reserved bytes (tensors plus cache) at the end and peak.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_peak_bytes: Option<u64>,
     pub seconds: f64,
 }
 
@@ -67,8 +73,8 @@ pub struct StepMemory {
 }
 
 /// Collects phase rows for the current step and keeps the last finished one.
-#[derive(Default)]
 pub struct MemoryProfiler {
+    meter: Meter,
     open: Option<(Phase, Instant)>,
     step: u64,
     held: u64,
@@ -79,32 +85,48 @@ pub struct MemoryProfiler {
 impl PhaseSink for MemoryProfiler {
     fn enter(&mut self, phase: Phase) {
         self.close_phase();
-        reset_peak();
+        self.meter.reset_peak();
         self.open = Some((phase, Instant::now()));
     }
 }
 
 impl MemoryProfiler {
-    pub fn new() -> Self {
-        Self::default()
+    /// A profiler that measures with `meter` (see [`Meter::for_device`]).
+    pub fn new(meter: Meter) -> Self {
+        Self {
+            meter,
+            open: None,
+            step: 0,
+            held: 0,
+            rows: Vec::new(),
+            last: None,
+        }
     }
 
-    /// Starts step `step`: what is resident now is what the step holds before it works.
+    pub fn meter(&self) -> Meter {
+        self.meter
+    }
+
+    /// Starts step `step`: what is in use now is what the step holds before it works.
     pub fn begin_step(&mut self, step: u64) {
         self.open = None;
         self.rows.clear();
         self.step = step;
-        reset_peak();
-        self.held = rss_bytes().map_or(0, |(cur, _)| cur);
+        self.meter.reset_peak();
+        self.held = self.meter.read().current;
     }
 
     fn close_phase(&mut self) {
         if let Some((phase, start)) = self.open.take() {
-            let (current_bytes, peak_bytes) = rss_bytes().unwrap_or((0, 0));
+            // Device work is asynchronous: wait for it so the time belongs to this phase.
+            self.meter.synchronize();
+            let r = self.meter.read();
             self.rows.push(PhaseRow {
                 phase,
-                current_bytes,
-                peak_bytes,
+                current_bytes: r.current,
+                peak_bytes: r.peak,
+                reserved_bytes: r.reserved.map(|x| x.0),
+                reserved_peak_bytes: r.reserved.map(|x| x.1),
                 seconds: start.elapsed().as_secs_f64(),
             });
         }
@@ -139,11 +161,12 @@ fn mib(b: u64) -> f64 {
 }
 
 /// The table users read: one row per phase.
-pub fn table(m: &StepMemory) -> String {
+pub fn table(m: &StepMemory, meter: Meter) -> String {
     let mut s = format!(
-        "memory of step {} (resident set): held {:.0} MiB, peak {:.0} MiB, step needs {:.0} MiB\n\
+        "memory of step {} ({}): held {:.0} MiB, peak {:.0} MiB, step needs {:.0} MiB\n\
          | phase | current MiB | peak MiB | seconds |\n|---|---:|---:|---:|\n",
         m.step,
+        meter.describe(),
         mib(m.held_bytes),
         mib(m.peak_bytes),
         mib(m.step_bytes)
@@ -161,10 +184,10 @@ pub fn table(m: &StepMemory) -> String {
 }
 
 /// Writes memory.json and memory.png (phases in order: current and peak) into `dir`.
-pub fn write_report(m: &StepMemory, device: &str, dir: &Path) -> Result<()> {
+pub fn write_report(m: &StepMemory, meter: Meter, device: &str, dir: &Path) -> Result<()> {
     let json = serde_json::json!({
         "device": device,
-        "measure": "process resident set (VmRSS, VmHWM reset per phase)",
+        "measure": meter.describe(),
         "step": m.step,
         "held_bytes": m.held_bytes,
         "peak_bytes": m.peak_bytes,
@@ -183,7 +206,11 @@ pub fn write_report(m: &StepMemory, device: &str, dir: &Path) -> Result<()> {
         let mut chart = ChartBuilder::on(&root)
             .margin(14)
             .caption(
-                format!("memory per phase, step {} (MiB resident)", m.step),
+                format!(
+                    "memory per phase, step {} (MiB, {})",
+                    m.step,
+                    meter.describe()
+                ),
                 ("sans-serif", 18),
             )
             .x_label_area_size(40)
@@ -259,10 +286,10 @@ mod tests {
         let _peak = super::super::rss::PEAK_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if rss_bytes().is_none() || !reset_peak() {
+        if super::super::rss::rss_bytes().is_none() || !super::super::rss::reset_peak() {
             return;
         }
-        let mut p = MemoryProfiler::new();
+        let mut p = MemoryProfiler::new(Meter::Rss);
         p.begin_step(2);
         p.enter(Phase::BackboneForward);
         let big = vec![7u8; 48 << 20];

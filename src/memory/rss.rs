@@ -25,6 +25,20 @@ pub fn reset_peak() -> bool {
     fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// MemAvailable from /proc/meminfo: what the kernel estimates can be allocated without
+/// swapping.
+pub fn mem_available() -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line["MemAvailable:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 /// Tests that reset the process-wide peak take this lock, so they do not reset each other's.
 #[cfg(test)]
 pub(crate) static PEAK_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
