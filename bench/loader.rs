@@ -226,6 +226,7 @@ fn main() {
                     augment: false,
                 },
                 seed: SEED,
+                slice: None,
             };
             // Warm-up: page cache, allocator.
             for ld in EpisodeLoader::new(split.clone(), SHAPE, cfg, 0, 0..1) {

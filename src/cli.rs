@@ -148,12 +148,25 @@ pub struct RunArgs {
     pub lambda_v: Option<f64>,
     #[arg(long = "lambda-c", alias = "lambda_C")]
     pub lambda_c: Option<f64>,
-    /// Micro-steps per episode (0 = auto: ResNet 4, others 2).
+    /// Micro-steps per episode: N, 0 = auto (ResNet 4, others 2), or dynamic (from the memory
+    /// available; doubled on out-of-memory and the episode redone).
     #[arg(
         long = "gradient-accumulation-steps",
         alias = "gradient_accumulation_steps"
     )]
-    pub gradient_accumulation_steps: Option<u64>,
+    pub gradient_accumulation_steps: Option<crate::config::Accumulation>,
+    /// Empty the CUDA allocator cache after every N optimizer steps (1 = every step, 0 = never).
+    #[arg(long = "empty-cache-every", alias = "empty_cache_every")]
+    pub empty_cache_every: Option<u64>,
+    /// How ranks share a step: images (slices of one episode) or episodes (one each).
+    #[arg(long, value_enum)]
+    pub shard: Option<crate::config::ShardMode>,
+    /// Collective backend between ranks: auto (NCCL on CUDA, else MPI), nccl or mpi.
+    #[arg(long, value_enum)]
+    pub comm: Option<crate::config::CommKind>,
+    /// Test hook: a backbone chunk whose input exceeds this many bytes fails as out of memory.
+    #[arg(long = "simulate-oom-above-bytes", hide = true)]
+    pub simulate_oom_above_bytes: Option<u64>,
     /// Mixed precision: off, fp16 (with loss scaling) or bf16 (default: fp16 on CUDA, off on CPU).
     #[arg(long, value_enum)]
     pub amp: Option<crate::train::amp::AmpMode>,
@@ -268,6 +281,9 @@ impl RunArgs {
             &self.gradient_accumulation_steps,
         );
         set(&mut c.train.episodes_per_step, &self.episodes_per_step);
+        set(&mut c.train.empty_cache_every, &self.empty_cache_every);
+        set(&mut c.train.shard, &self.shard);
+        set(&mut c.run.comm, &self.comm);
         set(&mut c.test.episodes, &self.test_iter);
         set(&mut c.test.split, &self.split);
         set(&mut c.run.seed, &self.seed);

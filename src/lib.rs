@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod ffi;
 pub mod logging;
 pub mod memory;
@@ -27,13 +28,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", resolved.config.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
-            train::train(
-                &resolved,
-                &train::Dumps {
-                    params: args.dump_params.clone(),
-                    grads: args.dump_grads.clone(),
-                },
-            )?;
+            let dumps = train::Dumps {
+                params: args.dump_params.clone(),
+                grads: args.dump_grads.clone(),
+                simulate_oom_above_bytes: args.simulate_oom_above_bytes,
+            };
+            on_every_rank(&resolved, |comm| {
+                train::train(&resolved, &dumps, comm).map(|_| ())
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Test(args) => test_run(&args),
@@ -73,6 +75,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Runs `job` on this rank's communicator (a world of one without a launcher). Under MPI, an
+/// error or a panic on any rank ends the whole job at once with that rank's message, instead
+/// of leaving the other ranks waiting in a collective.
+fn on_every_rank(
+    resolved: &config::Resolved,
+    job: impl FnOnce(&dyn dist::Communicator) -> Result<()>,
+) -> Result<()> {
+    let comm = dist::init(resolved.config.run.comm, resolved.device)?;
+    let world = comm.world();
+    if world.size == 1 {
+        return job(comm.as_ref());
+    }
+    dist::abort_on_panic(world.rank);
+    let _span = tracing::info_span!("rank", r = world.rank).entered();
+    if let Err(e) = job(comm.as_ref()) {
+        eprintln!("error on rank {} of {}: {e:#}", world.rank, world.size);
+        comm.abort(i32::from(EXIT_ERROR));
+    }
+    Ok(())
+}
+
 /// `fsct-dist test`: a finished run (its config, flags may override, its best weights), or a
 /// model from the flags with `--official FILE`.
 fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
@@ -110,6 +133,10 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
             .load(&weights)
             .map_err(|e| anyhow::anyhow!("{} does not fit this model: {e}", weights.display()))?;
     }
-    train::test_split(&resolved, &built.model, &root, built.shape)?;
+    on_every_rank(&resolved, |comm| {
+        let device = comm.world().device_for(resolved.device);
+        built.vs.set_device(device);
+        train::test_split(&resolved, &built.model, &root, built.shape, device, comm).map(|_| ())
+    })?;
     Ok(ExitCode::SUCCESS)
 }

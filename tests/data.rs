@@ -420,6 +420,7 @@ fn loader_cfg(workers: usize, augment: bool) -> LoaderConfig {
             augment,
         },
         seed: 11,
+        slice: None,
     }
 }
 
@@ -614,4 +615,31 @@ fn ensure_builtin_creates_once_and_refuses_foreign_folders() {
     std::fs::write(foreign.join("thesis.tex"), "x").unwrap();
     assert!(synth::write_dataset(&foreign, &opts).is_err());
     assert!(foreign.join("thesis.tex").exists());
+}
+
+#[test]
+fn a_slice_loads_exactly_those_images_of_the_episode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let split = open_split(&small_synth(tmp.path()), Split::Base).unwrap();
+    let full = fsct_dist::data::load_episode(&split, SHAPE, &loader_cfg(0, true), 2, 5).unwrap();
+    let mut cfg = loader_cfg(0, true);
+    cfg.slice = Some((3, 9));
+    let part = fsct_dist::data::load_episode(&split, SHAPE, &cfg, 2, 5).unwrap();
+    assert_eq!(part.images.size(), [6, 3, 24, 24]);
+    let flat = full.images.flatten(0, 1);
+    assert!(
+        part.images.equal(&flat.narrow(0, 3, 6)),
+        "same pixels, same augmentation"
+    );
+}
+
+#[test]
+fn a_loader_over_a_list_of_indices_yields_them_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let split = Arc::new(open_split(&small_synth(tmp.path()), Split::Base).unwrap());
+    let got: Vec<u64> =
+        EpisodeLoader::with_indices(split, SHAPE, loader_cfg(2, false), 0, vec![5, 1, 3])
+            .map(|r| r.unwrap().index)
+            .collect();
+    assert_eq!(got, [5, 1, 3]);
 }

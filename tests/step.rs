@@ -19,6 +19,7 @@ fn opts(micro_steps: i64, checkpoint: bool, loss_scale: f64) -> StepOptions {
         micro_steps,
         checkpoint,
         loss_scale,
+        oom_above_bytes: None,
     }
 }
 
@@ -216,8 +217,9 @@ fn episodes_per_step_averages_the_episode_gradients() {
         &r,
         &Dumps {
             grads: Some(dumped.clone()),
-            params: None,
+            ..Dumps::default()
         },
+        &fsct_dist::dist::Local,
     )
     .unwrap();
     let dumped: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&dumped)

@@ -170,3 +170,68 @@ pub enum Optimizer {
     #[value(name = "SGD", alias = "sgd")]
     Sgd,
 }
+
+/// `gradient_accumulation_steps`: a number of micro-steps per episode (0 = the documented auto
+/// rule), or `dynamic`: chosen from the memory available and doubled on out-of-memory.
+/// In TOML an integer or the string "dynamic".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Accumulation {
+    Steps(u64),
+    Named(AccumulationName),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccumulationName {
+    Dynamic,
+}
+
+impl Accumulation {
+    pub const DYNAMIC: Accumulation = Accumulation::Named(AccumulationName::Dynamic);
+
+    pub fn is_dynamic(self) -> bool {
+        self == Self::DYNAMIC
+    }
+}
+
+impl Default for Accumulation {
+    fn default() -> Self {
+        Accumulation::Steps(1)
+    }
+}
+
+impl std::str::FromStr for Accumulation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("dynamic") {
+            return Ok(Self::DYNAMIC);
+        }
+        s.parse().map(Accumulation::Steps).map_err(|_| {
+            format!("`{s}` is not a number of micro-steps; use 1, 2, 4, …, 0 (auto) or dynamic")
+        })
+    }
+}
+
+impl std::fmt::Display for Accumulation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Accumulation::Steps(n) => write!(f, "{n}"),
+            Accumulation::Named(_) => f.write_str("dynamic"),
+        }
+    }
+}
+
+/// `--shard`: how ranks share the work of an optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
+pub enum ShardMode {
+    /// Every rank takes a slice of the same episode's images (exact: the single-process
+    /// gradient of the same BatchNorm groups).
+    #[default]
+    Images,
+    /// Every rank its own episode; gradients averaged (classic data parallelism).
+    Episodes,
+}

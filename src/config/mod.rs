@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::dist::CommKind;
 pub use crate::train::amp::AmpMode;
-pub use kinds::{Backbone, DatasetName, Method, Optimizer, Split};
+pub use kinds::{Accumulation, Backbone, DatasetName, Method, Optimizer, ShardMode, Split};
 pub use resolve::{DatasetSource, Resolved};
 
 /// Everything a run can be told, in TOML sections. Unknown keys are errors (typos fail loudly).
@@ -141,8 +142,10 @@ pub struct TrainConfig {
     pub momentum: f64,
     /// Stop after this many optimizer steps in total (0 = no limit); the run's files are still written.
     pub max_steps: u64,
-    /// Micro-steps per episode: 1 = plain; 0 = auto (ResNet 4, others 2, the documented rule).
-    pub gradient_accumulation_steps: u64,
+    /// Micro-steps per episode: 1 = plain; 0 = auto (ResNet 4, others 2, the documented rule);
+    /// "dynamic" = chosen from the memory available, doubled on out-of-memory (the episode is
+    /// redone).
+    pub gradient_accumulation_steps: Accumulation,
     /// Mixed precision: off, fp16 (autocast + dynamic loss scaler) or bf16 (autocast). Unset =
     /// fp16 on CUDA, off on CPU.
     pub amp: Option<AmpMode>,
@@ -157,6 +160,11 @@ pub struct TrainConfig {
     pub episodes_per_step: u64,
     /// Write a metrics line every this many steps (and at each epoch end).
     pub log_every: u64,
+    /// Return the CUDA caching allocator's unused blocks to the driver after every N optimizer
+    /// steps (1 = every step, the documented fix; 0 = never). No effect on CPU.
+    pub empty_cache_every: u64,
+    /// How ranks share a step: `images` (slices of one episode) or `episodes` (one each).
+    pub shard: ShardMode,
 }
 
 impl Default for TrainConfig {
@@ -170,12 +178,14 @@ impl Default for TrainConfig {
             weight_decay: 1e-5,
             momentum: 0.9,
             max_steps: 0,
-            gradient_accumulation_steps: 1,
+            gradient_accumulation_steps: Accumulation::Steps(1),
             amp: None,
             checkpoint_activations: false,
             memory_report: false,
             episodes_per_step: 1,
             log_every: 20,
+            empty_cache_every: 1,
+            shard: ShardMode::Images,
         }
     }
 }
@@ -208,6 +218,8 @@ pub struct RuntimeConfig {
     pub threads: usize,
     /// Folder for every file of the run (config, metrics, checkpoints, plots).
     pub output: PathBuf,
+    /// Collective backend between ranks: auto (NCCL on CUDA, else MPI), nccl or mpi.
+    pub comm: CommKind,
 }
 
 impl Default for RuntimeConfig {
@@ -217,6 +229,7 @@ impl Default for RuntimeConfig {
             device: "cpu".into(),
             threads: 0,
             output: PathBuf::from("runs/latest"),
+            comm: CommKind::Auto,
         }
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use tch::Device;
 
-use super::{AmpMode, Backbone, ConfigError, DatasetName, RunConfig};
+use super::{Accumulation, AmpMode, Backbone, ConfigError, DatasetName, RunConfig};
 
 /// Where the images come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,8 +32,11 @@ pub struct Resolved {
     /// The official dataset this run follows, when it was named (decides its defaults).
     pub dataset_name: Option<DatasetName>,
     pub device: Device,
-    /// Micro-steps per episode after the auto rule.
+    /// Micro-steps per episode after the auto rule (with `dynamic`: the start before the
+    /// memory probe).
     pub micro_steps: u64,
+    /// `gradient_accumulation_steps = "dynamic"`.
+    pub dynamic_micro_steps: bool,
     /// Loader threads after the auto rule.
     pub workers: usize,
 }
@@ -67,7 +70,11 @@ impl RunConfig {
             c.data.image_size = name.default_image_size(c.model.backbone);
         }
         validate(&c)?;
-        let micro_steps = micro_steps(c.train.gradient_accumulation_steps, c.model.backbone);
+        let dynamic_micro_steps = c.train.gradient_accumulation_steps.is_dynamic();
+        let micro_steps = match c.train.gradient_accumulation_steps {
+            Accumulation::Steps(n) => micro_steps(n, c.model.backbone),
+            Accumulation::Named(_) => micro_steps(0, c.model.backbone),
+        };
         let images = c.episode.n_way * (c.episode.k_shot + c.episode.n_query);
         if micro_steps as i64 > images {
             return Err(invalid(
@@ -94,6 +101,7 @@ impl RunConfig {
             dataset_name: named,
             device,
             micro_steps,
+            dynamic_micro_steps,
             workers,
         })
     }

@@ -31,6 +31,9 @@ pub struct LoaderConfig {
     pub transform: TransformConfig,
     /// Run seed: episode sampling and augmentation derive from (seed, epoch, index).
     pub seed: u64,
+    /// Load only the images at these flat positions (start, end) of each episode — a rank's
+    /// slice under `--shard images`; `images` is then flat (end − start, 3, S, S).
+    pub slice: Option<(usize, usize)>,
 }
 
 /// One episode, ready for the model.
@@ -39,7 +42,8 @@ pub struct LoadedEpisode {
     pub epoch: u64,
     pub index: u64,
     pub episode: Episode,
-    /// (n_way, k_shot + n_query, 3, S, S) f32, support before query within each class.
+    /// (n_way, k_shot + n_query, 3, S, S) f32, support before query within each class; with
+    /// [`LoaderConfig::slice`], only those flat positions: (len, 3, S, S).
     pub images: Tensor,
 }
 
@@ -53,13 +57,17 @@ pub fn load_episode(
     index: u64,
 ) -> Result<LoadedEpisode, DataError> {
     let episode = sample_episode(split, shape, cfg.seed, epoch, index)?;
-    let positions: Vec<usize> = (0..episode.len()).collect();
+    let (start, end) = cfg.slice.unwrap_or((0, episode.len()));
+    let positions: Vec<usize> = (start..end.min(episode.len())).collect();
     let aug = aug_seed_for(cfg.seed, epoch, index);
     let flat = load_images(split, &episode, &positions, &cfg.transform, aug)?;
     let s = cfg.transform.image_size as i64;
-    let images = flat
-        .f_reshape([shape.n_way as i64, shape.images_per_class() as i64, 3, s, s])
-        .map_err(|e| DataError::Tensor(e.to_string()))?;
+    let images = if cfg.slice.is_some() {
+        flat
+    } else {
+        flat.f_reshape([shape.n_way as i64, shape.images_per_class() as i64, 3, s, s])
+            .map_err(|e| DataError::Tensor(e.to_string()))?
+    };
     Ok(LoadedEpisode {
         epoch,
         index,
@@ -71,15 +79,17 @@ pub fn load_episode(
 type Job = u64;
 type Done = (u64, Result<LoadedEpisode, DataError>);
 
-/// Iterator over episodes `indices` of one epoch, loaded by worker threads.
+/// Iterator over episodes of one epoch (a range, or any list of indices), loaded by worker
+/// threads, yielded in list order.
 pub struct EpisodeLoader {
     split: Arc<SplitIndex>,
     shape: EpisodeShape,
     cfg: LoaderConfig,
     epoch: u64,
-    next: u64,
-    end: u64,
-    issued: u64,
+    /// Episode indices to yield, in order; `next` and `issued` are positions in it.
+    order: Vec<u64>,
+    next: usize,
+    issued: usize,
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     ready: BTreeMap<u64, Result<LoadedEpisode, DataError>>,
@@ -94,6 +104,17 @@ impl EpisodeLoader {
         cfg: LoaderConfig,
         epoch: u64,
         indices: Range<u64>,
+    ) -> Self {
+        Self::with_indices(split, shape, cfg, epoch, indices.collect())
+    }
+
+    /// Loads the episodes `order` (e.g. every W-th one for a rank under `--shard episodes`).
+    pub fn with_indices(
+        split: Arc<SplitIndex>,
+        shape: EpisodeShape,
+        cfg: LoaderConfig,
+        epoch: u64,
+        order: Vec<u64>,
     ) -> Self {
         let (job_tx, job_rx) = unbounded::<Job>();
         let (done_tx, done_rx) = unbounded::<Done>();
@@ -125,9 +146,9 @@ impl EpisodeLoader {
             shape,
             cfg,
             epoch,
-            next: indices.start,
-            end: indices.end.max(indices.start),
-            issued: indices.start,
+            order,
+            next: 0,
+            issued: 0,
             jobs: Some(job_tx),
             done: done_rx,
             ready: BTreeMap::new(),
@@ -143,11 +164,11 @@ impl EpisodeLoader {
         if self.cfg.workers == 0 {
             return;
         }
-        let window = (self.cfg.workers + self.cfg.prefetch) as u64;
-        while self.issued < self.end && self.issued < self.next + window {
+        let window = self.cfg.workers + self.cfg.prefetch;
+        while self.issued < self.order.len() && self.issued < self.next + window {
             if let Some(tx) = &self.jobs {
                 // Workers only stop once this sender is dropped, so the send cannot fail here.
-                let _ = tx.send(self.issued);
+                let _ = tx.send(self.order[self.issued]);
             }
             self.issued += 1;
         }
@@ -189,10 +210,7 @@ impl Iterator for EpisodeLoader {
     type Item = Result<LoadedEpisode, DataError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.next >= self.end {
-            return None;
-        }
-        let index = self.next;
+        let index = *self.order.get(self.next)?;
         if self.cfg.workers == 0 {
             self.next += 1;
             return Some(load_episode(
@@ -226,7 +244,7 @@ impl Iterator for EpisodeLoader {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = (self.end - self.next) as usize;
+        let n = self.order.len() - self.next;
         (n, Some(n))
     }
 }

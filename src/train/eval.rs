@@ -7,7 +7,9 @@ use anyhow::Result;
 use serde::Serialize;
 use tch::Device;
 
+use super::step::balanced_groups;
 use crate::data::{EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex};
+use crate::dist::Communicator;
 use crate::model::{correct, FewShotModel};
 
 /// Episode-key "epochs" reserved for evaluation, so validation draws the same episodes every
@@ -56,21 +58,29 @@ pub struct EvalEpisodes {
 }
 
 /// Accuracy of `model` (eval mode: BatchNorm running statistics, no graph) on `set`;
-/// `on_episode` runs after each episode (a progress bar).
+/// `on_episode` runs after each episode (a progress bar). The episodes are split across the
+/// ranks of `comm` in contiguous balanced ranges and the per-episode accuracies gathered in
+/// episode order, so the result is the single-process one for every world size.
 pub fn evaluate(
     model: &FewShotModel,
     set: EvalEpisodes,
     device: Device,
+    comm: &dyn Communicator,
     mut on_episode: impl FnMut(),
 ) -> Result<Accuracy> {
     let _guard = tch::no_grad_guard();
-    let mut acc = Vec::with_capacity(set.count as usize);
+    let world = comm.world();
+    let mine = balanced_groups(set.count as i64, world.size as i64)
+        .get(world.rank)
+        .cloned()
+        .unwrap_or(0..0);
+    let mut acc = Vec::with_capacity((mine.end - mine.start) as usize);
     for batch in EpisodeLoader::new(
         set.split,
         set.shape,
         set.loader,
         set.epoch_key,
-        0..set.count,
+        mine.start as u64..mine.end as u64,
     ) {
         let batch = batch?;
         let out = model.forward(&batch.images.to_device(device), false);
@@ -79,7 +89,8 @@ pub fn evaluate(
         acc.push(100.0 * hits as f64 / queries as f64);
         on_episode();
     }
-    Ok(Accuracy::from_episodes(&acc))
+    let all = comm.all_gather_f64(&acc)?;
+    Ok(Accuracy::from_episodes(&all))
 }
 
 #[cfg(test)]

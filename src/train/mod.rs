@@ -2,9 +2,11 @@
 //! episode, validation after every epoch, the best validation model kept, then the test.
 
 pub mod amp;
+pub mod bn_sync;
 pub mod eval;
 pub mod files;
 mod optim;
+pub mod optimizer_step;
 pub mod plot;
 mod progress;
 pub mod step;
@@ -18,13 +20,15 @@ use serde::Serialize;
 use tch::nn::VarStore;
 use tracing::info;
 
-use crate::config::{DatasetSource, Resolved, Split};
+use crate::config::{DatasetSource, Resolved, ShardMode, Split};
 use crate::data::{self, EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex, TransformConfig};
-use crate::memory::{MemoryProfiler, NoProfile, Phase, PhaseSink};
+use crate::dist::Communicator;
+use crate::memory::{MemoryProfiler, Meter, NoProfile, Phase, PhaseSink};
 use crate::model::{self, FewShotModel, ModelConfig};
 use amp::{AmpMode, GradScaler};
 pub use eval::{evaluate, Accuracy, EvalEpisodes, TEST_EPOCH, VAL_EPOCH};
 use files::{save_weights, write_json, JsonLines};
+use optimizer_step::{optimizer_step, probe_micro_steps, reload_episode, StepPlan};
 use plot::Curves;
 use progress::Progress;
 
@@ -44,13 +48,16 @@ pub struct RunState {
     pub config: crate::config::RunConfig,
 }
 
-/// Optional tensor dumps for users comparing runs (and for tests).
+/// Optional tensor dumps for users comparing runs (and for tests), and the test hook.
 #[derive(Debug, Default, Clone)]
 pub struct Dumps {
     /// Final parameters and BatchNorm buffers.
     pub params: Option<PathBuf>,
-    /// Gradients of the first optimizer step, before the optimizer.
+    /// Gradients of the first optimizer step (reduced over ranks, unscaled), before the
+    /// optimizer; written by rank 0.
     pub grads: Option<PathBuf>,
+    /// Test hook: backbone chunks with more input bytes than this fail as out of memory.
+    pub simulate_oom_above_bytes: Option<u64>,
 }
 
 /// Where training stopped and what it reached.
@@ -120,12 +127,17 @@ pub fn model_config(r: &Resolved) -> ModelConfig {
 
 /// Seeds libtorch and builds the model (with local pretrained weights and freezing if asked).
 pub fn build(r: &Resolved) -> Result<Built> {
+    build_on(r, r.device)
+}
+
+/// [`build`] on `device` (a rank's GPU).
+pub fn build_on(r: &Resolved, device: tch::Device) -> Result<Built> {
     let c = &r.config;
     if c.run.threads > 0 {
         tch::set_num_threads(c.run.threads as i32);
     }
     tch::manual_seed(c.run.seed as i64);
-    let mut vs = VarStore::new(r.device);
+    let mut vs = VarStore::new(device);
     let model = FewShotModel::new(&vs.root(), &model_config(r))?;
     if let Some(path) = &c.model.pretrained {
         model::load_torchvision(&mut vs, path)
@@ -171,6 +183,7 @@ pub fn loader_config(r: &Resolved, augment: bool) -> LoaderConfig {
             augment,
         },
         seed: r.config.run.seed,
+        slice: None,
     }
 }
 
@@ -182,25 +195,45 @@ pub fn open_split(root: &Path, split: Split, shape: EpisodeShape) -> Result<Arc<
     Ok(Arc::new(index))
 }
 
-/// Trains, validates every epoch, keeps the best, then tests it. Writes into the run folder:
-/// config.toml, metrics.jsonl, best/last weights, curves.png, summary.json, test.json.
-pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
+/// Trains, validates every epoch, keeps the best, then tests it. Writes into the run folder
+/// (rank 0 only): config.toml, metrics.jsonl, best/last weights, curves.png, summary.json,
+/// test.json. Every rank of `comm` calls this with the same config.
+pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<TrainSummary> {
     let c = &r.config;
     let out = &c.run.output;
-    files::prepare_output(out)?;
-    files::write_atomic(&out.join(CONFIG_FILE), c.to_toml().as_bytes())?;
-    info!(
-        "effective config (saved as {}):\n{}",
-        out.join(CONFIG_FILE).display(),
-        c.to_toml()
-    );
-    let root = dataset_root(r)?;
-    let Built { vs, model, shape } = build(r)?;
+    let world = comm.world();
+    let root_rank = world.is_root();
+    let device = world.device_for(r.device);
+    if root_rank {
+        files::prepare_output(out)?;
+        files::write_atomic(&out.join(CONFIG_FILE), c.to_toml().as_bytes())?;
+        info!(
+            "effective config (saved as {}):\n{}",
+            out.join(CONFIG_FILE).display(),
+            c.to_toml()
+        );
+    }
+    // Rank 0 creates the built-in dataset; the others wait for it.
+    let root = if root_rank {
+        dataset_root(r)
+    } else {
+        Ok(r.dataset.path().clone())
+    };
+    comm.barrier()?;
+    let root = root?;
+    let Built { vs, model, shape } = build_on(r, device)?;
+    if world.size > 1 {
+        // Identical initial weights and buffers everywhere, whatever each rank drew.
+        let mut named: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let tensors: Vec<tch::Tensor> = named.into_iter().map(|(_, t)| t).collect();
+        comm.broadcast(&tensors, 0)?;
+    }
     let base = open_split(&root, Split::Base, shape)?;
     let val = open_split(&root, Split::Val, shape)?;
     let mut opt = optim::build(&c.train, &vs)?;
     info!(
-        "{} {:?} on {} ({} base / {} val classes), {}-way {}-shot {}-query, {} px, {} episodes/epoch × {} epochs, device {:?}",
+        "{} {:?} on {} ({} base / {} val classes), {}-way {}-shot {}-query, {} px, {} episodes/epoch × {} epochs, device {:?}, {} rank(s) over {}",
         c.model.method.official_name(),
         c.model.backbone,
         root.display(),
@@ -212,31 +245,49 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
         c.data.image_size,
         c.train.episodes_per_epoch,
         c.train.epochs,
-        r.device
+        device,
+        world.size,
+        comm.name()
     );
 
-    if r.micro_steps > 1 {
-        let groups = step::balanced_groups(shape.total() as i64, r.micro_steps as i64);
-        let sizes: Vec<i64> = groups.iter().map(|g| g.end - g.start).collect();
-        info!(
-            "{} micro-steps: the episode's {} images run as BatchNorm groups of {:?} (each its own BN batch; 1 = the official single batch)",
-            r.micro_steps,
-            shape.total(),
-            sizes
-        );
-    }
-    let step_opts = step::StepOptions {
+    let amp = c.train.amp.unwrap_or(AmpMode::Off);
+    let mut plan = StepPlan {
+        comm,
+        shard: c.train.shard,
+        device,
+        amp,
         micro_steps: r.micro_steps as i64,
+        dynamic: r.dynamic_micro_steps,
         checkpoint: c.train.checkpoint_activations,
-        loss_scale: 1.0 / c.train.episodes_per_step as f64,
+        episode_scale: 1.0 / c.train.episodes_per_step as f64,
+        oom_above_bytes: dumps.simulate_oom_above_bytes,
+        total_images: shape.total() as i64,
+        empty_cache_every: c.train.empty_cache_every,
     };
+    if plan.dynamic {
+        let per_rank = match plan.shard {
+            ShardMode::Images => plan.total_images / world.size as i64,
+            ShardMode::Episodes => plan.total_images,
+        };
+        let m = probe_micro_steps(&model, &mut opt, device, c.data.image_size, per_rank.max(1));
+        // Every rank must use the same groups: take the largest choice.
+        plan.micro_steps = comm
+            .all_gather_f64(&[m as f64])?
+            .into_iter()
+            .fold(1.0, f64::max) as i64;
+    }
+    plan.log_groups();
     // --memory-report: every step is profiled; the last one is reported (its optimizer state
     // exists, unlike the first step's).
-    let mut profiler = c.train.memory_report.then(MemoryProfiler::new);
-    let amp = c.train.amp.unwrap_or(AmpMode::Off);
-    let mut scaler = GradScaler::for_mode(amp, r.device);
+    let meter = Meter::for_device(device);
+    let mut profiler = c.train.memory_report.then(|| MemoryProfiler::new(meter));
+    let mut scaler = GradScaler::for_mode(amp, device);
     let started = Instant::now();
-    let mut metrics = JsonLines::create(&out.join("metrics.jsonl"))?;
+    let mut metrics = if root_rank {
+        Some(JsonLines::create(&out.join("metrics.jsonl"))?)
+    } else {
+        None
+    };
     let mut curves = Curves::default();
     let mut summary = TrainSummary {
         steps: 0,
@@ -251,101 +302,135 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
     } else {
         c.train.max_steps
     };
-    let total = (c.train.epochs * c.train.episodes_per_epoch).min(max_steps);
-    let progress = Progress::new(total, "train");
+    let k = c.train.episodes_per_step;
+    // Episodes one optimizer step consumes from the epoch, over all ranks.
+    let per_step = match plan.shard {
+        ShardMode::Images => k,
+        ShardMode::Episodes => k * world.size as u64,
+    };
+    let steps_per_epoch = c.train.episodes_per_epoch / per_step;
+    anyhow::ensure!(
+        steps_per_epoch > 0,
+        "an epoch of {} episodes is less than one optimizer step ({per_step} episodes: {k} per step × {} rank(s) with --shard episodes); raise --episodes-per-epoch",
+        c.train.episodes_per_epoch,
+        if plan.shard == ShardMode::Episodes { world.size } else { 1 }
+    );
+    let total = (c.train.epochs * steps_per_epoch).min(max_steps);
+    let progress = Progress::new_on(root_rank, total, "train");
+    let train_cfg = loader_config(r, c.data.train_aug);
 
     'epochs: for epoch in 0..c.train.epochs {
-        let k = c.train.episodes_per_step;
-        let remaining = max_steps - summary.steps;
-        let episodes = c.train.episodes_per_epoch.min(remaining.saturating_mul(k));
-        let mut loader = EpisodeLoader::new(
-            base.clone(),
-            shape,
-            loader_config(r, c.data.train_aug),
-            epoch,
-            0..episodes,
-        );
+        let steps = steps_per_epoch.min(max_steps - summary.steps);
+        // This rank's episodes of the epoch, in the order its steps take them.
+        let order: Vec<u64> = (0..steps)
+            .flat_map(|s| {
+                let first = s * per_step;
+                match plan.shard {
+                    ShardMode::Images => (first..first + k).collect::<Vec<_>>(),
+                    ShardMode::Episodes => {
+                        let mine = first + world.rank as u64 * k;
+                        (mine..mine + k).collect()
+                    }
+                }
+            })
+            .collect();
         let mut stats = EpochStats::new();
-        loop {
-            let starts_step = profiler.is_some() && stats.episodes() % k == 0;
-            if let Some(p) = profiler.as_mut() {
-                if starts_step {
-                    p.begin_step(summary.steps + 1);
-                }
-                p.enter(Phase::Data);
-            }
-            let Some(batch) = loader.next() else { break };
-            let batch = batch?;
-            let flat = batch.images.to_device(r.device).flatten(0, 1);
-            if batch.index % k == 0 {
-                opt.zero_grad();
-            }
-            let sink: &mut dyn PhaseSink = match profiler.as_mut() {
-                Some(p) => p,
-                None => &mut NoProfile,
-            };
-            // Autocast covers the forward (and so the backward) of this thread; the guard ends it.
-            let autocast = amp.autocast(r.device)?;
-            let opts = step::StepOptions {
-                loss_scale: scaler.scale_factor() * step_opts.loss_scale,
-                ..step_opts
-            };
-            let out = step::forward_backward(&model, &flat, opts, sink);
-            drop(autocast);
-            // Host sync: reading the loss waits for the device.
-            let loss = stats.add(&out, c.episode.n_query);
-            // In fp32 a non-finite loss is fatal; with fp16 the scaler skips the step and backs off.
-            anyhow::ensure!(
-                loss.is_finite() || scaler.is_enabled(),
-                "the loss became {loss} in epoch {epoch}, episode {} (after {} optimizer steps); lower --learning-rate",
-                batch.index,
-                summary.steps
+        let mut next = 0;
+        while next < order.len() {
+            // A fresh loader whenever the slice changed (dynamic micro-steps regroup the images).
+            let slice = plan.slice();
+            let mut loader = EpisodeLoader::with_indices(
+                base.clone(),
+                shape,
+                LoaderConfig { slice, ..train_cfg },
+                epoch,
+                order[next..].to_vec(),
             );
-            progress.step(format!(
-                "epoch {epoch} step {} loss {loss:.3}",
-                summary.steps
-            ));
-            if (batch.index + 1) % k != 0 {
-                continue; // gradients wait for the rest of this step's episodes
-            }
-            if let Some(p) = profiler.as_mut() {
-                p.enter(Phase::Optimizer);
-            }
-            scaler.unscale_(&opt.trainable_variables())?;
-            if summary.steps == 0 {
-                if let Some(path) = &dumps.grads {
-                    save_grads(&vs, path)?;
+            while next < order.len() && plan.slice() == slice {
+                if let Some(p) = profiler.as_mut() {
+                    p.begin_step(summary.steps + 1);
+                    p.enter(Phase::Data);
                 }
-            }
-            if !scaler.step(&mut opt)? {
-                tracing::warn!(
-                    "step {}: inf/NaN gradients at loss scale {}, step skipped",
-                    summary.steps + 1,
-                    scaler.scale_factor()
-                );
-            }
-            scaler.update()?;
-            summary.steps += 1;
-            if let Some(p) = profiler.as_mut() {
-                p.end_step();
-            }
-            if summary.steps % c.train.log_every == 0 || batch.index + 1 == episodes {
-                let (loss, acc, episodes_per_s) = stats.take_window();
-                metrics.write(&Metric::Train {
-                    epoch,
-                    step: summary.steps,
-                    loss,
-                    acc,
-                    episodes_per_s,
-                })?;
-                curves.loss.push((summary.steps as f64, loss));
+                let episodes: Vec<data::LoadedEpisode> = (0..k)
+                    .map(|_| loader.next().expect("the order holds whole steps"))
+                    .collect::<Result<_, _>>()?;
+                next += k as usize;
+                let sink: &mut dyn PhaseSink = match profiler.as_mut() {
+                    Some(p) => p,
+                    None => &mut NoProfile,
+                };
+                let reload = |e: &data::LoadedEpisode, slice| {
+                    reload_episode(&base, shape, &train_cfg, e, slice)
+                };
+                let first_step = summary.steps == 0;
+                let mut dump = |vs: &VarStore| -> Result<()> {
+                    match &dumps.grads {
+                        Some(path) if first_step && root_rank => save_grads(vs, path),
+                        _ => Ok(()),
+                    }
+                };
+                let report = optimizer_step(
+                    &mut plan,
+                    &model,
+                    &vs,
+                    &mut opt,
+                    &mut scaler,
+                    episodes,
+                    &reload,
+                    &mut dump,
+                    sink,
+                )?;
+                summary.steps += 1;
+                if !report.stepped {
+                    tracing::warn!(
+                        "step {}: inf/NaN gradients, step skipped; loss scale now {}",
+                        summary.steps,
+                        scaler.scale_factor()
+                    );
+                }
+                if device.is_cuda()
+                    && plan.empty_cache_every > 0
+                    && summary.steps % plan.empty_cache_every == 0
+                {
+                    crate::ffi::cuda::empty_cache()?;
+                }
+                if let Some(p) = profiler.as_mut() {
+                    p.end_step();
+                }
+                let mut loss = 0.0;
+                for o in &report.outcomes {
+                    loss = stats.add(o);
+                    // In fp32 a non-finite loss is fatal; with fp16 the scaler skips the step.
+                    anyhow::ensure!(
+                        loss.is_finite() || scaler.is_enabled(),
+                        "the loss became {loss} in epoch {epoch} at optimizer step {}; lower --learning-rate",
+                        summary.steps
+                    );
+                }
+                progress.step(format!(
+                    "epoch {epoch} step {} loss {loss:.3}",
+                    summary.steps
+                ));
+                if summary.steps % c.train.log_every == 0 || next == order.len() {
+                    let (loss, acc, episodes_per_s) = stats.take_window();
+                    if let Some(m) = metrics.as_mut() {
+                        m.write(&Metric::Train {
+                            epoch,
+                            step: summary.steps,
+                            loss,
+                            acc,
+                            episodes_per_s: episodes_per_s * per_step as f64 / k as f64,
+                        })?;
+                    }
+                    curves.loss.push((summary.steps as f64, loss));
+                }
             }
         }
         if let Some(acc) = stats.epoch_acc() {
             curves.train_acc.push((epoch as f64, acc));
         }
         // Validation (the official val_loop): eval mode, fixed episodes, keep the best.
-        let vprog = Progress::new(c.train.val_episodes, "val");
+        let vprog = Progress::new_on(root_rank, c.train.val_episodes, "val");
         let set = EvalEpisodes {
             split: val.clone(),
             shape,
@@ -353,7 +438,7 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
             epoch_key: VAL_EPOCH,
             count: c.train.val_episodes,
         };
-        let acc = evaluate(&model, set, r.device, || vprog.step(String::new()))?;
+        let acc = evaluate(&model, set, device, comm, || vprog.step(String::new()))?;
         vprog.finish();
         let best = summary.best_val.as_ref().is_none_or(|b| acc.mean > b.mean);
         progress.println(&format!(
@@ -361,62 +446,73 @@ pub fn train(r: &Resolved, dumps: &Dumps) -> Result<TrainSummary> {
             acc.official_line("Val"),
             if best { "(best)" } else { "" }
         ));
-        metrics.write(&Metric::Val {
-            epoch,
-            acc: acc.mean,
-            ci95: acc.ci95,
-            best,
-        })?;
         curves.val_acc.push((epoch as f64, acc.mean));
         if best {
-            save_weights(&vs, &out.join(BEST_WEIGHTS))?;
-            summary.best_val = Some(acc);
+            summary.best_val = Some(acc.clone());
             summary.best_epoch = Some(epoch);
         }
         summary.epochs_completed = epoch + 1;
-        save_weights(&vs, &out.join(LAST_WEIGHTS))?;
-        write_json(
-            &out.join(STATE_FILE),
-            &RunState {
+        if let Some(m) = metrics.as_mut() {
+            m.write(&Metric::Val {
                 epoch,
-                step: summary.steps,
-                best_val: summary.best_val.clone(),
-                best_epoch: summary.best_epoch,
-                config: c.clone(),
-            },
-        )?;
+                acc: acc.mean,
+                ci95: acc.ci95,
+                best,
+            })?;
+            if best {
+                save_weights(&vs, &out.join(BEST_WEIGHTS))?;
+            }
+            save_weights(&vs, &out.join(LAST_WEIGHTS))?;
+            write_json(
+                &out.join(STATE_FILE),
+                &RunState {
+                    epoch,
+                    step: summary.steps,
+                    best_val: summary.best_val.clone(),
+                    best_epoch: summary.best_epoch,
+                    config: c.clone(),
+                },
+            )?;
+        }
         if summary.steps >= max_steps {
             break 'epochs;
         }
     }
     progress.finish();
     if let Some(path) = &dumps.params {
-        save_weights(&vs, path)?;
+        // Rank 0 writes the file asked for, the others beside it (to check they agree).
+        save_weights(&vs, &rank_path(path, world.rank))?;
     }
-    if let Some(m) = profiler.as_ref().and_then(MemoryProfiler::last) {
-        progress.println(&crate::memory::profiler::table(m));
-        crate::memory::profiler::write_report(m, &format!("{:?}", r.device), out)?;
+    if root_rank {
+        if let Some(m) = profiler.as_ref().and_then(MemoryProfiler::last) {
+            progress.println(&crate::memory::profiler::table(m, meter));
+            crate::memory::profiler::write_report(m, meter, &format!("{device:?}"), out)?;
+        }
+        plot::plot_curves(
+            &curves,
+            &format!("{} {:?}", c.model.method.official_name(), c.model.backbone),
+            &out.join("curves.png"),
+        )?;
     }
-    plot::plot_curves(
-        &curves,
-        &format!("{} {:?}", c.model.method.official_name(), c.model.backbone),
-        &out.join("curves.png"),
-    )?;
-
-    // Test the best model, as train_test.py does.
+    // Every rank needs the best weights for the distributed test: rank 0 wrote them.
+    comm.barrier()?;
     let mut vs = vs;
     vs.load(out.join(BEST_WEIGHTS))
         .context("reloading the best weights")?;
-    let test = test_split(r, &model, &root, shape)?;
-    metrics.write(&Metric::Test {
-        split: c.test.split,
-        episodes: test.episodes,
-        acc: test.mean,
-        ci95: test.ci95,
-    })?;
+    let test = test_split(r, &model, &root, shape, device, comm)?;
+    if let Some(m) = metrics.as_mut() {
+        m.write(&Metric::Test {
+            split: c.test.split,
+            episodes: test.episodes,
+            acc: test.mean,
+            ci95: test.ci95,
+        })?;
+    }
     summary.test = Some(test);
     summary.seconds = started.elapsed().as_secs_f64();
-    write_json(&out.join("summary.json"), &summary)?;
+    if root_rank {
+        write_json(&out.join("summary.json"), &summary)?;
+    }
     Ok(summary)
 }
 
@@ -426,10 +522,12 @@ pub fn test_split(
     model: &FewShotModel,
     root: &Path,
     shape: EpisodeShape,
+    device: tch::Device,
+    comm: &dyn Communicator,
 ) -> Result<Accuracy> {
     let c = &r.config;
     let split = open_split(root, c.test.split, shape)?;
-    let prog = Progress::new(c.test.episodes, "test");
+    let prog = Progress::new_on(comm.world().is_root(), c.test.episodes, "test");
     let set = EvalEpisodes {
         split,
         shape,
@@ -437,15 +535,17 @@ pub fn test_split(
         epoch_key: TEST_EPOCH,
         count: c.test.episodes,
     };
-    let acc = evaluate(model, set, r.device, || prog.step(String::new()))?;
+    let acc = evaluate(model, set, device, comm, || prog.step(String::new()))?;
     prog.finish();
-    println!("{}", acc.official_line("Test"));
-    write_json(
-        &c.run.output.join("test.json"),
-        &serde_json::json!({
-            "split": c.test.split, "episodes": acc.episodes, "acc": acc.mean, "ci95": acc.ci95,
-        }),
-    )?;
+    if comm.world().is_root() {
+        println!("{}", acc.official_line("Test"));
+        write_json(
+            &c.run.output.join("test.json"),
+            &serde_json::json!({
+                "split": c.test.split, "episodes": acc.episodes, "acc": acc.mean, "ci95": acc.ci95,
+            }),
+        )?;
+    }
     Ok(acc)
 }
 
@@ -470,10 +570,9 @@ impl EpochStats {
     }
 
     /// Records one episode; returns its loss.
-    fn add(&mut self, out: &model::HeadOutput, n_query: i64) -> f64 {
-        let loss = out.loss.double_value(&[]);
-        let queries = out.logits.size()[0];
-        self.acc_sum += 100.0 * model::correct(&out.logits, n_query, 0) as f64 / queries as f64;
+    fn add(&mut self, out: &step::StepOutcome) -> f64 {
+        let loss = out.loss;
+        self.acc_sum += out.accuracy();
         self.acc_n += 1;
         self.window_loss += loss;
         self.window_n += 1;
@@ -493,14 +592,25 @@ impl EpochStats {
         out
     }
 
-    /// Episodes recorded this epoch.
-    fn episodes(&self) -> u64 {
-        self.acc_n
-    }
-
     fn epoch_acc(&self) -> Option<f64> {
         (self.acc_n > 0).then(|| self.acc_sum / self.acc_n as f64)
     }
+}
+
+/// `path` for rank 0; `stem.rankR.ext` beside it for rank R.
+pub fn rank_path(path: &Path, rank: usize) -> PathBuf {
+    if rank == 0 {
+        return path.to_path_buf();
+    }
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}.rank{rank}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.rank{rank}"),
+    };
+    path.with_file_name(name)
 }
 
 /// Every parameter's current gradient, under the parameter's name, as safetensors.

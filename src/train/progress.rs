@@ -4,12 +4,19 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub struct Progress {
     bar: ProgressBar,
+    shown: bool,
 }
 
 impl Progress {
-    pub fn new(total: u64, what: &str) -> Self {
+    /// A bar shown only where `shown` (rank 0 of a multi-rank run).
+    pub fn new_on(shown: bool, total: u64, what: &str) -> Self {
         // indicatif hides itself when stderr is not a terminal.
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let target = if shown {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let bar = ProgressBar::with_draw_target(Some(total), target);
         let style = ProgressStyle::with_template(
             "{prefix:>5} [{bar:30}] {pos}/{len} {elapsed_precise}<{eta_precise} {msg}",
         )
@@ -17,7 +24,7 @@ impl Progress {
         .progress_chars("=> ");
         bar.set_style(style);
         bar.set_prefix(what.to_owned());
-        Self { bar }
+        Self { bar, shown }
     }
 
     pub fn step(&self, msg: String) {
@@ -29,6 +36,9 @@ impl Progress {
 
     /// A line above the bar (or a plain log line when there is no terminal).
     pub fn println(&self, line: &str) {
+        if !self.shown {
+            return;
+        }
         if self.bar.is_hidden() {
             tracing::info!("{line}");
         } else {

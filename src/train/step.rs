@@ -16,8 +16,9 @@ use std::ops::Range;
 
 use tch::Tensor;
 
+use crate::dist::Communicator;
 use crate::memory::{Phase, PhaseSink};
-use crate::model::{BnMode, FewShotModel, HeadOutput};
+use crate::model::{self, BnMode, FewShotModel, HeadOutput};
 
 /// `n` items in `g` contiguous groups whose sizes differ by at most one, larger groups first.
 pub fn balanced_groups(n: i64, g: i64) -> Vec<Range<i64>> {
@@ -37,13 +38,16 @@ pub fn balanced_groups(n: i64, g: i64) -> Vec<Range<i64>> {
 /// How one episode's forward/backward runs.
 #[derive(Debug, Clone, Copy)]
 pub struct StepOptions {
-    /// BatchNorm groups / micro-chunks of the episode (1 = the official single batch).
+    /// BatchNorm groups / micro-chunks of the episode per rank (1 = the official single batch).
     pub micro_steps: i64,
     /// Recompute the backbone segment by segment in the backward, keeping only the segment
     /// boundaries (activation checkpointing).
     pub checkpoint: bool,
     /// Multiplies the loss before backward (1/K for K episodes per step; the AMP scale).
     pub loss_scale: f64,
+    /// Test hook: a backbone chunk whose input tensor exceeds this many bytes fails as if the
+    /// allocator ran out of memory.
+    pub oom_above_bytes: Option<u64>,
 }
 
 impl StepOptions {
@@ -52,13 +56,60 @@ impl StepOptions {
             micro_steps: 1,
             checkpoint: false,
             loss_scale: 1.0,
+            oom_above_bytes: None,
         }
     }
 }
 
-/// Forward and backward of one episode `x` (N, 3, S, S) in class-major order, accumulating
-/// gradients into the model's parameters (`.grad`). Returns the head output.
-/// Phase boundaries are reported to `phases` (the memory profiler, or [`crate::memory::NoProfile`]).
+/// What one episode's step reports (summed over the ranks that share the episode).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// The episode loss (unscaled).
+    pub loss: f64,
+    /// Correct query predictions, and queries.
+    pub correct: i64,
+    pub queries: i64,
+}
+
+impl StepOutcome {
+    pub fn accuracy(&self) -> f64 {
+        100.0 * self.correct as f64 / self.queries.max(1) as f64
+    }
+}
+
+/// A step that did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// An allocation failed (on this or another rank): retry with more micro-steps.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// The BatchNorm groups of an episode of `total` images over `world` ranks of `micro` micro-steps
+/// (G = world·micro contiguous balanced groups), and the images rank `rank` owns: groups
+/// rank·micro … rank·micro + micro − 1, one contiguous slice.
+pub fn rank_groups(
+    total: i64,
+    world: usize,
+    rank: usize,
+    micro: i64,
+) -> (Vec<Range<i64>>, Range<i64>) {
+    let m = micro.max(1) as usize;
+    let groups = balanced_groups(total, (world * m) as i64);
+    let mine = groups[(rank * m).min(groups.len())..((rank + 1) * m).min(groups.len())].to_vec();
+    let slice = match (mine.first(), mine.last()) {
+        (Some(a), Some(b)) => a.start..b.end,
+        _ => total..total,
+    };
+    (mine, slice)
+}
+
+/// Forward and backward of one whole episode `x` (N, 3, S, S) in class-major order on one
+/// process, accumulating gradients into the model's parameters (`.grad`). Returns the head
+/// output. Phase boundaries are reported to `phases` (the memory profiler, or
+/// [`crate::memory::NoProfile`]).
 pub fn forward_backward(
     model: &FewShotModel,
     x: &Tensor,
@@ -76,33 +127,230 @@ pub fn forward_backward(
         return out;
     }
     let groups = balanced_groups(x.size()[0], opts.micro_steps);
-    let chunk = |r: &Range<i64>| x.narrow(0, r.start, r.end - r.start);
-    // Running statistics are updated here, once per group.
     phases.enter(Phase::BackboneForward);
-    let emb = tch::no_grad(|| {
-        let parts: Vec<Tensor> = groups
-            .iter()
-            .map(|r| model.embed_t(&chunk(r), BnMode::Train))
-            .collect();
-        Tensor::cat(&parts, 0)
-    })
-    .set_requires_grad(true);
+    let emb = embed_groups(model, x, &groups).set_requires_grad(true);
     phases.enter(Phase::Head);
     let out = model.head(&emb);
     phases.enter(Phase::Backward);
     scaled(&out.loss, opts.loss_scale).backward();
-    let grad_emb = emb.grad();
-    for r in &groups {
+    backward_groups(model, x, &groups, &emb.grad(), opts.checkpoint);
+    out
+}
+
+/// Embeddings of `x` group by group under `no_grad` (running statistics updated once per group).
+fn embed_groups(model: &FewShotModel, x: &Tensor, groups: &[Range<i64>]) -> Tensor {
+    tch::no_grad(|| {
+        let parts: Vec<Tensor> = groups
+            .iter()
+            .map(|r| model.embed_t(&x.narrow(0, r.start, r.end - r.start), BnMode::Train))
+            .collect();
+        Tensor::cat(&parts, 0)
+    })
+}
+
+/// Recomputes each group with grad and backpropagates its rows of `grad_emb` (dL/dE of `x`).
+fn backward_groups(
+    model: &FewShotModel,
+    x: &Tensor,
+    groups: &[Range<i64>],
+    grad_emb: &Tensor,
+    checkpoint: bool,
+) {
+    for r in groups {
+        let chunk = x.narrow(0, r.start, r.end - r.start);
         let seed = grad_emb.narrow(0, r.start, r.end - r.start);
-        if opts.checkpoint {
-            backward_by_segments(model, &chunk(r), &seed);
+        if checkpoint {
+            backward_by_segments(model, &chunk, &seed);
         } else {
-            let e = model.embed_t(&chunk(r), BnMode::TrainNoStats);
+            let e = model.embed_t(&chunk, BnMode::TrainNoStats);
             let kind = e.kind();
             (e * seed).sum(kind).backward();
         }
     }
-    out
+}
+
+/// One episode's forward and backward shared by the ranks of `comm` (`--shard images`; with a
+/// world of one it is the single-process step). `x` holds this rank's slice of the episode
+/// (see [`rank_groups`]), `total` the episode's image count. Each rank embeds its slice in its
+/// micro-steps, the embeddings are all-gathered, each rank computes the head loss of its share
+/// of the queries (rank 0 adds the VIC terms), the embedding gradients are summed over ranks,
+/// and each rank backpropagates its slice. Parameter gradients are left for the caller to
+/// all-reduce once per optimizer step.
+///
+/// `agree` (dynamic micro-steps) makes every rank learn of an out-of-memory on any rank at the
+/// next collective, so all of them return [`StepError::OutOfMemory`] together instead of
+/// waiting on one that gave up.
+pub fn forward_backward_sharded(
+    model: &FewShotModel,
+    x: &Tensor,
+    total: i64,
+    opts: StepOptions,
+    comm: &dyn Communicator,
+    agree: bool,
+    phases: &mut dyn PhaseSink,
+) -> Result<StepOutcome, StepError> {
+    let world = comm.world();
+    let (w, rank) = (world.size, world.rank);
+    let cfg = model.config();
+    let n_query = cfg.n_query;
+    let (mine, slice) = rank_groups(total, w, rank, opts.micro_steps);
+    let local: Vec<Range<i64>> = mine
+        .iter()
+        .map(|g| g.start - slice.start..g.end - slice.start)
+        .collect();
+    // Agreement points: with `agree`, every rank reports whether it got this far.
+    let sync = |ok: Result<(), String>| -> Result<(), StepError> {
+        let all = if agree && w > 1 {
+            crate::dist::all_ok(comm, ok.is_ok())?
+        } else {
+            ok.is_ok()
+        };
+        match (ok, all) {
+            (Err(e), _) => Err(StepError::OutOfMemory(e)),
+            (Ok(()), false) => Err(StepError::OutOfMemory(
+                "another rank ran out of memory".into(),
+            )),
+            (Ok(()), true) => Ok(()),
+        }
+    };
+    let fast = w == 1 && opts.micro_steps <= 1 && !opts.checkpoint;
+    let keep_graph = opts.micro_steps <= 1 && !opts.checkpoint;
+
+    phases.enter(Phase::BackboneForward);
+    let forward = guard_oom(|| {
+        for g in &local {
+            simulated_oom(x, g, opts.oom_above_bytes)?;
+        }
+        Ok(if keep_graph {
+            model.embed_t(x, BnMode::Train)
+        } else {
+            embed_groups(model, x, &local)
+        })
+    });
+    let emb_local = match forward {
+        Ok(e) => {
+            sync(Ok(()))?;
+            e
+        }
+        Err(e) => return Err(sync(Err(e)).unwrap_err()),
+    };
+
+    phases.enter(Phase::Head);
+    let gathered = if w > 1 {
+        let rows: Vec<i64> = (0..w)
+            .map(|r| rank_groups(total, w, r, opts.micro_steps).1)
+            .map(|s| s.end - s.start)
+            .collect();
+        phases.enter(Phase::Communication);
+        let g = comm.all_gather_rows(&emb_local.detach(), &rows)?;
+        phases.enter(Phase::Head);
+        g
+    } else if fast {
+        emb_local.shallow_clone()
+    } else {
+        emb_local.detach()
+    };
+    let emb = if fast {
+        gathered
+    } else {
+        gathered.set_requires_grad(true)
+    };
+    let queries = balanced_groups(cfg.n_way * n_query, w as i64)
+        .get(rank)
+        .cloned()
+        .unwrap_or(0..0);
+    let head = guard_oom(|| {
+        let out = if w == 1 {
+            model.head(&emb)
+        } else {
+            model.head_part(&emb, queries.clone(), rank == 0)
+        };
+        phases.enter(Phase::Backward);
+        scaled(&out.loss, opts.loss_scale).backward();
+        Ok(out)
+    });
+    let out = match head {
+        Ok(o) => {
+            sync(Ok(()))?;
+            o
+        }
+        Err(e) => return Err(sync(Err(e)).unwrap_err()),
+    };
+    let outcome_local = [
+        out.loss.double_value(&[]),
+        model::correct(&out.logits, n_query, queries.start) as f64,
+        out.logits.size()[0] as f64,
+    ];
+    if !fast {
+        let grad = emb.grad();
+        if w > 1 {
+            phases.enter(Phase::Communication);
+            comm.all_reduce_sum(&[grad.shallow_clone()])?;
+            phases.enter(Phase::Backward);
+        }
+        let seed = grad.narrow(0, slice.start, slice.end - slice.start);
+        let backward = guard_oom(|| {
+            if keep_graph {
+                let kind = emb_local.kind();
+                (&emb_local * &seed).sum(kind).backward();
+            } else {
+                backward_groups(model, x, &local, &seed, opts.checkpoint);
+            }
+            Ok(())
+        });
+        sync(backward)?;
+    }
+    let mut totals = outcome_local;
+    if w > 1 {
+        comm.all_reduce_f64(&mut totals)?;
+    }
+    Ok(StepOutcome {
+        loss: totals[0],
+        correct: totals[1].round() as i64,
+        queries: totals[2].round() as i64,
+    })
+}
+
+/// Fails like an allocator would when the test hook's threshold is below the chunk's input.
+fn simulated_oom(x: &Tensor, g: &Range<i64>, limit: Option<u64>) -> Result<(), String> {
+    let Some(limit) = limit else { return Ok(()) };
+    let per_image = (x.numel() / x.size()[0].max(1) as usize * x.kind().elt_size_in_bytes()) as u64;
+    let bytes = per_image * (g.end - g.start) as u64;
+    if bytes > limit {
+        return Err(format!(
+            "simulated: a chunk of {} images ({bytes} bytes) is above the test limit of {limit} bytes",
+            g.end - g.start
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `f`, turning an out-of-memory failure of libtorch (a panic in tch) into `Err`. Any
+/// other panic continues unwinding.
+fn guard_oom<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            if is_oom_message(&msg) {
+                Err(msg.lines().next().unwrap_or("out of memory").to_owned())
+            } else {
+                std::panic::resume_unwind(payload)
+            }
+        }
+    }
+}
+
+/// libtorch's out-of-memory messages (CUDA caching allocator, CPU allocator).
+pub fn is_oom_message(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("out of memory")
+        || m.contains("can't allocate memory")
+        || m.contains("not enough memory")
 }
 
 /// Backpropagates `seed` = dL/d(embedding of `x`) through the backbone one segment at a time:
@@ -161,6 +409,11 @@ mod tests {
         assert_eq!(sizes(8, 1), [8]);
         assert_eq!(sizes(3, 5), [1, 1, 1], "never an empty group");
         let g = balanced_groups(105, 4);
+        // W = 2, M = 2: rank 1 owns groups 2 and 3.
+        let (mine, slice) = rank_groups(105, 2, 1, 2);
+        assert_eq!(mine, vec![53..79, 79..105]);
+        assert_eq!(slice, 53..105);
+        assert_eq!(rank_groups(105, 4, 0, 1).1, 0..27);
         assert_eq!((g[0].start, g[3].end), (0, 105));
         assert!(g.windows(2).all(|w| w[0].end == w[1].start));
     }

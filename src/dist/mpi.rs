@@ -1,0 +1,233 @@
+//! The MPI backend (rsmpi over the system MPI): rank discovery, and collectives on tensors
+//! moved through host memory as f32 (f64 for Double tensors). GPU tensors are staged through
+//! the host, so this backend works everywhere but NCCL is the fast path on GPUs.
+
+use anyhow::{Context, Result};
+use mpi::collective::SystemOperation;
+use mpi::datatype::PartitionMut;
+use mpi::environment::Universe;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+// rsmpi's trait has the same name as ours; bring its methods in under another name.
+use mpi::topology::Communicator as _;
+use tch::{Device, Kind, Tensor};
+
+use super::{buckets, check_float, ByteCounter, Communicator, World, BUCKET_BYTES};
+
+pub struct MpiComm {
+    // Field order: the communicators are freed before the universe finalizes MPI.
+    world_comm: SimpleCommunicator,
+    world: World,
+    sent: ByteCounter,
+    _universe: Universe,
+}
+
+impl MpiComm {
+    /// Initialises MPI (once per process) and finds this rank's place, the local rank from a
+    /// shared-memory split of the world.
+    pub fn init() -> Result<Self> {
+        let universe = mpi::initialize().context(
+            "MPI was already initialised in this process (only one communicator can be made)",
+        )?;
+        let world_comm = universe.world();
+        let node = world_comm.split_shared(world_comm.rank());
+        let world = World {
+            rank: world_comm.rank() as usize,
+            size: world_comm.size() as usize,
+            local_rank: node.rank() as usize,
+            local_size: node.size() as usize,
+        };
+        Ok(Self {
+            world_comm,
+            world,
+            sent: ByteCounter::default(),
+            _universe: universe,
+        })
+    }
+
+    /// Broadcasts raw bytes from `root` (the NCCL unique id).
+    pub fn broadcast_bytes(&self, bytes: &mut [u8], root: usize) {
+        self.world_comm
+            .process_at_rank(root as i32)
+            .broadcast_into(bytes);
+    }
+}
+
+/// A tensor's values on the host, in the precision MPI carries them.
+enum Host {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+impl Host {
+    fn from(t: &Tensor) -> Result<Self> {
+        check_float(t)?;
+        let flat = t.flatten(0, -1).to_device(Device::Cpu);
+        Ok(if t.kind() == Kind::Double {
+            Host::F64(Vec::try_from(&flat)?)
+        } else {
+            Host::F32(Vec::try_from(&flat.to_kind(Kind::Float))?)
+        })
+    }
+
+    fn zeros_like(&self, n: usize) -> Self {
+        match self {
+            Host::F32(_) => Host::F32(vec![0.0; n]),
+            Host::F64(_) => Host::F64(vec![0.0; n]),
+        }
+    }
+
+    fn tensor(&self, kind: Kind, device: Device) -> Tensor {
+        match self {
+            Host::F32(v) => Tensor::from_slice(v),
+            Host::F64(v) => Tensor::from_slice(v),
+        }
+        .to_device(device)
+        .to_kind(kind)
+    }
+}
+
+/// The flat concatenation of `tensors` (all of one kind).
+fn flat_cat(tensors: &[&Tensor]) -> Tensor {
+    let parts: Vec<Tensor> = tensors.iter().map(|t| t.flatten(0, -1)).collect();
+    Tensor::cat(&parts, 0)
+}
+
+/// Copies consecutive pieces of `flat` back into `tensors`.
+fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.numel() as i64;
+        let mut dst = t.shallow_clone();
+        tch::no_grad(|| dst.copy_(&flat.narrow(0, offset, n).view_as(t)));
+        offset += n;
+    }
+}
+
+impl Communicator for MpiComm {
+    fn world(&self) -> World {
+        self.world
+    }
+
+    fn name(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
+        for bucket in buckets(tensors, BUCKET_BYTES) {
+            let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
+            let flat = flat_cat(&group);
+            let send = Host::from(&flat)?;
+            let mut recv = send.zeros_like(flat.numel());
+            match (&send, &mut recv) {
+                (Host::F32(s), Host::F32(r)) => {
+                    self.world_comm
+                        .all_reduce_into(&s[..], &mut r[..], SystemOperation::sum())
+                }
+                (Host::F64(s), Host::F64(r)) => {
+                    self.world_comm
+                        .all_reduce_into(&s[..], &mut r[..], SystemOperation::sum())
+                }
+                _ => unreachable!("zeros_like keeps the precision"),
+            }
+            self.sent.add(&[&flat]);
+            scatter_back(&recv.tensor(flat.kind(), flat.device()), &group);
+        }
+        Ok(())
+    }
+
+    fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
+        let size = local.size();
+        let row: i64 = size[1..].iter().product();
+        let counts: Vec<i32> = rows.iter().map(|&r| (r * row) as i32).collect();
+        let displs: Vec<i32> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let d = *acc;
+                *acc += c;
+                Some(d)
+            })
+            .collect();
+        let total: usize = counts.iter().map(|&c| c as usize).sum();
+        let send = Host::from(local)?;
+        let mut recv = send.zeros_like(total);
+        match (&send, &mut recv) {
+            (Host::F32(s), Host::F32(r)) => {
+                let mut part = PartitionMut::new(&mut r[..], &counts[..], &displs[..]);
+                self.world_comm.all_gather_varcount_into(&s[..], &mut part);
+            }
+            (Host::F64(s), Host::F64(r)) => {
+                let mut part = PartitionMut::new(&mut r[..], &counts[..], &displs[..]);
+                self.world_comm.all_gather_varcount_into(&s[..], &mut part);
+            }
+            _ => unreachable!("zeros_like keeps the precision"),
+        }
+        self.sent.add(&[local]);
+        let mut shape = vec![rows.iter().sum::<i64>()];
+        shape.extend_from_slice(&size[1..]);
+        Ok(recv
+            .tensor(local.kind(), local.device())
+            .reshape(&shape[..]))
+    }
+
+    fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        let root_proc = self.world_comm.process_at_rank(root as i32);
+        for bucket in buckets(tensors, BUCKET_BYTES) {
+            let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
+            let flat = flat_cat(&group);
+            let mut host = Host::from(&flat)?;
+            match &mut host {
+                Host::F32(v) => root_proc.broadcast_into(&mut v[..]),
+                Host::F64(v) => root_proc.broadcast_into(&mut v[..]),
+            }
+            if self.world.rank == root {
+                self.sent.add(&[&flat]);
+            }
+            scatter_back(&host.tensor(flat.kind(), flat.device()), &group);
+        }
+        Ok(())
+    }
+
+    fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
+        let send = values.to_vec();
+        self.world_comm
+            .all_reduce_into(&send[..], values, SystemOperation::sum());
+        self.sent.add_bytes(8 * send.len());
+        Ok(())
+    }
+
+    fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<f64>> {
+        let n = self.world.size;
+        let mut counts = vec![0i32; n];
+        self.world_comm
+            .all_gather_into(&(values.len() as i32), &mut counts[..]);
+        let displs: Vec<i32> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let d = *acc;
+                *acc += c;
+                Some(d)
+            })
+            .collect();
+        let mut out = vec![0.0; counts.iter().map(|&c| c as usize).sum()];
+        {
+            let mut part = PartitionMut::new(&mut out[..], &counts[..], &displs[..]);
+            self.world_comm.all_gather_varcount_into(values, &mut part);
+        }
+        self.sent.add_bytes(8 * values.len());
+        Ok(out)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.world_comm.barrier();
+        Ok(())
+    }
+
+    fn abort(&self, code: i32) -> ! {
+        self.world_comm.abort(code)
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.sent.get()
+    }
+}

@@ -1,0 +1,389 @@
+//! The NCCL backend: GPU tensors all-reduced and gathered in place by NCCL, opened at run time
+//! from `libnccl.so.2` (the torch wheels ship it; no CUDA toolkit is needed to build). The unique
+//! id is made by rank 0 and broadcast over MPI; host values (losses, flags) go over MPI.
+//!
+//! Stream: NCCL calls are queued on the legacy default stream (null), which is libtorch's
+//! current stream unless a caller changes it (we never do), so they are ordered with the
+//! kernels around them without extra synchronisation.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use anyhow::{anyhow, bail, Context, Result};
+use libloading::{Library, Symbol};
+use tch::{Device, Kind, Tensor};
+
+use super::mpi::MpiComm;
+use super::{buckets, ByteCounter, Communicator, World, BUCKET_BYTES};
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UniqueId {
+    internal: [c_char; 128],
+}
+
+type NcclComm_ = *mut c_void;
+type Stream = *mut c_void;
+type NcclResult = c_int;
+
+const NCCL_SUM: c_int = 0;
+
+/// ncclDataType_t for a tensor kind.
+fn nccl_type(kind: Kind) -> Result<c_int> {
+    Ok(match kind {
+        Kind::Half => 6,
+        Kind::Float => 7,
+        Kind::Double => 8,
+        Kind::BFloat16 => 9,
+        k => bail!("NCCL collectives here support floating-point tensors, not {k:?}"),
+    })
+}
+
+/// The library names tried, in order: the soname (already loaded when libtorch_cuda is), the
+/// development name, and the copy beside the torch wheel this binary was built against.
+fn candidates() -> Vec<String> {
+    let mut v = vec!["libnccl.so.2".to_owned(), "libnccl.so".to_owned()];
+    if let Some(lib) = option_env!("FSCT_TORCH_LIB") {
+        v.push(format!("{lib}/../../nvidia/nccl/lib/libnccl.so.2"));
+    }
+    v
+}
+
+fn load() -> Result<Library> {
+    let mut errors = Vec::new();
+    for name in candidates() {
+        // SAFETY: loading NCCL runs its (well-behaved) initialisers only.
+        match unsafe { Library::new(&name) } {
+            Ok(lib) => return Ok(lib),
+            Err(e) => errors.push(format!("{name}: {e}")),
+        }
+    }
+    bail!(
+        "NCCL is not available ({}). Install the CUDA torch wheels (launch/setup.sh on a GPU \
+         machine installs them), or run with --comm mpi",
+        errors.join("; ")
+    )
+}
+
+/// Whether libnccl can be opened and a CUDA device is visible.
+pub fn available() -> bool {
+    tch::Cuda::is_available() && load().is_ok()
+}
+
+pub struct NcclComm {
+    lib: Library,
+    comm: NcclComm_,
+    world: World,
+    device: Device,
+    mpi: Option<MpiComm>,
+    sent: ByteCounter,
+}
+
+impl NcclComm {
+    /// A communicator over the MPI world, on `device` (this rank's GPU).
+    pub fn new(mpi: MpiComm, device: Device) -> Result<Self> {
+        let world = mpi.world();
+        Self::create(Some(mpi), world, device)
+    }
+
+    /// A one-rank NCCL communicator (no MPI): exercises the NCCL path on a single GPU.
+    pub fn single(device: Device) -> Result<Self> {
+        Self::create(None, World::SINGLE, device)
+    }
+
+    fn create(mpi: Option<MpiComm>, world: World, device: Device) -> Result<Self> {
+        let Device::Cuda(index) = device else {
+            bail!("--comm nccl needs a CUDA device (--device cuda), not {device:?}; use --comm mpi on CPU");
+        };
+        if !tch::Cuda::is_available() {
+            bail!("--comm nccl: no CUDA device is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --comm mpi");
+        }
+        let lib = load()?;
+        crate::ffi::cuda::set_device(index).context("selecting this rank's GPU for NCCL")?;
+        let mut id = UniqueId { internal: [0; 128] };
+        if world.rank == 0 {
+            // SAFETY: the symbol has this C signature in every NCCL 2.x.
+            let get_id: Symbol<unsafe extern "C" fn(*mut UniqueId) -> NcclResult> =
+                unsafe { lib.get(b"ncclGetUniqueId\0")? };
+            check(&lib, unsafe { get_id(&mut id) }, "ncclGetUniqueId")?;
+        }
+        if let Some(m) = &mpi {
+            // SAFETY: UniqueId is 128 plain bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(id.internal.as_mut_ptr().cast::<u8>(), 128)
+            };
+            m.broadcast_bytes(bytes, 0);
+        }
+        let mut comm: NcclComm_ = std::ptr::null_mut();
+        // SAFETY: ncclCommInitRank(ncclComm_t*, int nranks, ncclUniqueId, int rank).
+        let init: Symbol<
+            unsafe extern "C" fn(*mut NcclComm_, c_int, UniqueId, c_int) -> NcclResult,
+        > = unsafe { lib.get(b"ncclCommInitRank\0")? };
+        check(
+            &lib,
+            unsafe { init(&mut comm, world.size as c_int, id, world.rank as c_int) },
+            "ncclCommInitRank",
+        )?;
+        Ok(Self {
+            lib,
+            comm,
+            world,
+            device,
+            mpi,
+            sent: ByteCounter::default(),
+        })
+    }
+
+    fn on_device(&self, t: &Tensor) -> Result<()> {
+        if t.device() != self.device || !t.is_contiguous() {
+            bail!(
+                "NCCL tensors must be contiguous on {:?} (got {:?}, contiguous {})",
+                self.device,
+                t.device(),
+                t.is_contiguous()
+            );
+        }
+        Ok(())
+    }
+
+    fn all_reduce_flat(&self, t: &Tensor) -> Result<()> {
+        self.on_device(t)?;
+        type F = unsafe extern "C" fn(
+            *const c_void,
+            *mut c_void,
+            usize,
+            c_int,
+            c_int,
+            NcclComm_,
+            Stream,
+        ) -> NcclResult;
+        // SAFETY: signature of ncclAllReduce; buffers are the tensor's device memory.
+        let f: Symbol<F> = unsafe { self.lib.get(b"ncclAllReduce\0")? };
+        let p = t.data_ptr();
+        check(
+            &self.lib,
+            unsafe {
+                f(
+                    p,
+                    p,
+                    t.numel(),
+                    nccl_type(t.kind())?,
+                    NCCL_SUM,
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
+            },
+            "ncclAllReduce",
+        )
+    }
+
+    fn host(&self) -> Option<&MpiComm> {
+        self.mpi.as_ref()
+    }
+}
+
+fn check(lib: &Library, rc: NcclResult, what: &str) -> Result<()> {
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: ncclGetErrorString returns a static string.
+    let msg = unsafe {
+        lib.get::<unsafe extern "C" fn(NcclResult) -> *const c_char>(b"ncclGetErrorString\0")
+            .ok()
+            .map(|f| CStr::from_ptr(f(rc)).to_string_lossy().into_owned())
+    };
+    Err(anyhow!(
+        "{what} failed: {} (NCCL code {rc})",
+        msg.unwrap_or_default()
+    ))
+}
+
+impl Communicator for NcclComm {
+    fn world(&self) -> World {
+        self.world
+    }
+
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
+        for bucket in buckets(tensors, BUCKET_BYTES) {
+            let parts: Vec<Tensor> = bucket.iter().map(|&i| tensors[i].flatten(0, -1)).collect();
+            let flat = Tensor::cat(&parts, 0);
+            self.all_reduce_flat(&flat)?;
+            self.sent.add(&[&flat]);
+            let mut offset = 0;
+            for &i in &bucket {
+                let n = tensors[i].numel() as i64;
+                let mut dst = tensors[i].shallow_clone();
+                tch::no_grad(|| dst.copy_(&flat.narrow(0, offset, n).view_as(&tensors[i])));
+                offset += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
+        // NCCL gathers equal counts: pad every rank's rows to the largest, then drop the padding.
+        let max = rows.iter().copied().max().unwrap_or(0);
+        let size = local.size();
+        let pad = max - size[0];
+        let padded = if pad > 0 {
+            let mut shape = size.clone();
+            shape[0] = pad;
+            Tensor::cat(
+                &[
+                    local.shallow_clone(),
+                    Tensor::zeros(&shape[..], (local.kind(), local.device())),
+                ],
+                0,
+            )
+        } else {
+            local.contiguous()
+        };
+        self.on_device(&padded)?;
+        let mut out_shape = size.clone();
+        out_shape[0] = max * self.world.size as i64;
+        let out = Tensor::empty(&out_shape[..], (local.kind(), local.device()));
+        type F = unsafe extern "C" fn(
+            *const c_void,
+            *mut c_void,
+            usize,
+            c_int,
+            NcclComm_,
+            Stream,
+        ) -> NcclResult;
+        // SAFETY: signature of ncclAllGather; `out` holds size × sendcount elements.
+        let f: Symbol<F> = unsafe { self.lib.get(b"ncclAllGather\0")? };
+        check(
+            &self.lib,
+            unsafe {
+                f(
+                    padded.data_ptr(),
+                    out.data_ptr(),
+                    padded.numel(),
+                    nccl_type(local.kind())?,
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
+            },
+            "ncclAllGather",
+        )?;
+        self.sent.add(&[&padded]);
+        let pieces: Vec<Tensor> = rows
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| out.narrow(0, r as i64 * max, n))
+            .collect();
+        Ok(Tensor::cat(&pieces, 0))
+    }
+
+    fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        type F = unsafe extern "C" fn(
+            *const c_void,
+            *mut c_void,
+            usize,
+            c_int,
+            c_int,
+            NcclComm_,
+            Stream,
+        ) -> NcclResult;
+        // SAFETY: signature of ncclBroadcast.
+        let f: Symbol<F> = unsafe { self.lib.get(b"ncclBroadcast\0")? };
+        for t in tensors {
+            let c = t.contiguous();
+            self.on_device(&c)?;
+            check(
+                &self.lib,
+                unsafe {
+                    f(
+                        c.data_ptr(),
+                        c.data_ptr(),
+                        c.numel(),
+                        nccl_type(c.kind())?,
+                        root as c_int,
+                        self.comm,
+                        std::ptr::null_mut(),
+                    )
+                },
+                "ncclBroadcast",
+            )?;
+            if c.data_ptr() != t.data_ptr() {
+                let mut dst = t.shallow_clone();
+                tch::no_grad(|| dst.copy_(&c));
+            }
+        }
+        Ok(())
+    }
+
+    fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
+        match self.host() {
+            Some(m) => m.all_reduce_f64(values),
+            None => Ok(()),
+        }
+    }
+
+    fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<f64>> {
+        match self.host() {
+            Some(m) => m.all_gather_f64(values),
+            None => Ok(values.to_vec()),
+        }
+    }
+
+    fn barrier(&self) -> Result<()> {
+        match self.host() {
+            Some(m) => m.barrier(),
+            None => Ok(()),
+        }
+    }
+
+    fn abort(&self, code: i32) -> ! {
+        // SAFETY: ncclCommAbort(ncclComm_t) frees the communicator without waiting for peers.
+        if let Ok(f) = unsafe {
+            self.lib
+                .get::<unsafe extern "C" fn(NcclComm_) -> NcclResult>(b"ncclCommAbort\0")
+        } {
+            unsafe { f(self.comm) };
+        }
+        match self.host() {
+            Some(m) => m.abort(code),
+            None => std::process::exit(code),
+        }
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.sent.get()
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // SAFETY: ncclCommDestroy(ncclComm_t); the communicator is not used after this.
+        if let Ok(f) = unsafe {
+            self.lib
+                .get::<unsafe extern "C" fn(NcclComm_) -> NcclResult>(b"ncclCommDestroy\0")
+        } {
+            unsafe { f(self.comm) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asking_for_nccl_without_a_gpu_is_an_error_not_a_panic() {
+        if tch::Cuda::is_available() {
+            return;
+        }
+        let err = NcclComm::single(Device::Cpu)
+            .err()
+            .expect("CPU cannot host NCCL");
+        assert!(err.to_string().contains("--comm mpi"), "{err}");
+        let err = NcclComm::single(Device::Cuda(0))
+            .err()
+            .expect("no CUDA device here");
+        assert!(err.to_string().contains("CUDA"), "{err}");
+    }
+}

@@ -1,0 +1,261 @@
+//! One optimizer step of a world of ranks: the episodes of the step (each rank's share, per
+//! `--shard`), micro-steps with an out-of-memory retry under `dynamic`, BatchNorm statistics
+//! combined across ranks, gradients all-reduced once, then the AMP-aware optimizer step and
+//! cache clearing.
+
+use anyhow::{bail, Result};
+use tch::{nn, Device, Tensor};
+use tracing::{info, warn};
+
+use super::amp::{AmpMode, GradScaler};
+use super::bn_sync;
+use super::step::{self, rank_groups, StepError, StepOptions, StepOutcome};
+use crate::config::ShardMode;
+use crate::data::{self, LoadedEpisode, LoaderConfig, SplitIndex};
+use crate::dist::{Communicator, Local};
+use crate::memory::{Meter, Phase, PhaseSink};
+use crate::model::FewShotModel;
+
+/// What stays fixed for the whole run.
+pub struct StepPlan<'a> {
+    pub comm: &'a dyn Communicator,
+    pub shard: ShardMode,
+    pub device: Device,
+    pub amp: AmpMode,
+    /// Micro-steps now (may grow under `dynamic`).
+    pub micro_steps: i64,
+    pub dynamic: bool,
+    pub checkpoint: bool,
+    /// 1/K for K episodes per step.
+    pub episode_scale: f64,
+    pub oom_above_bytes: Option<u64>,
+    /// Images in one episode.
+    pub total_images: i64,
+    pub empty_cache_every: u64,
+}
+
+impl StepPlan<'_> {
+    /// The flat image positions this rank loads from each episode (None: all of them).
+    pub fn slice(&self) -> Option<(usize, usize)> {
+        let w = self.comm.world();
+        if self.shard == ShardMode::Episodes || w.size == 1 {
+            return None;
+        }
+        let (_, s) = rank_groups(self.total_images, w.size, w.rank, self.micro_steps);
+        Some((s.start as usize, s.end as usize))
+    }
+
+    /// The communicator that shares one episode: the world under `--shard images`, this rank
+    /// alone under `--shard episodes`.
+    fn episode_comm(&self) -> &dyn Communicator {
+        match self.shard {
+            ShardMode::Images => self.comm,
+            ShardMode::Episodes => &Local,
+        }
+    }
+
+    /// Logs the BatchNorm groups the run uses (the objective depends on them).
+    pub fn log_groups(&self) {
+        let w = self.comm.world();
+        let (ranks, per_episode) = match self.shard {
+            ShardMode::Images => (w.size, self.micro_steps * w.size as i64),
+            ShardMode::Episodes => (1, self.micro_steps),
+        };
+        let groups = step::balanced_groups(self.total_images, per_episode);
+        let sizes: Vec<i64> = groups.iter().map(|g| g.end - g.start).collect();
+        info!(
+            "BatchNorm groups per episode: {:?} ({} rank(s) × {} micro-step(s), shard {:?}; one group = the official single batch)",
+            sizes, ranks, self.micro_steps, self.shard
+        );
+    }
+}
+
+/// One finished optimizer step.
+pub struct StepReport {
+    pub outcomes: Vec<StepOutcome>,
+    pub stepped: bool,
+}
+
+/// Runs one optimizer step over `episodes` (this rank's share, already loaded with
+/// [`StepPlan::slice`]). Under `dynamic`, an out-of-memory anywhere doubles the micro-steps,
+/// restores the BatchNorm statistics and redoes the step's episodes (reloaded through `reload`
+/// with the new slice).
+#[allow(clippy::too_many_arguments)]
+pub fn optimizer_step(
+    plan: &mut StepPlan,
+    model: &FewShotModel,
+    vs: &nn::VarStore,
+    opt: &mut nn::Optimizer,
+    scaler: &mut GradScaler,
+    mut episodes: Vec<LoadedEpisode>,
+    reload: &dyn Fn(&LoadedEpisode, Option<(usize, usize)>) -> Result<LoadedEpisode>,
+    before_optimizer: &mut dyn FnMut(&nn::VarStore) -> Result<()>,
+    phases: &mut dyn PhaseSink,
+) -> Result<StepReport> {
+    let world = plan.comm.world();
+    let bn = bn_sync::buffers(vs);
+    let start = if plan.dynamic {
+        Some(bn_sync::snapshot(&bn))
+    } else {
+        None
+    };
+    let outcomes = 'attempt: loop {
+        opt.zero_grad();
+        let mut outcomes = Vec::with_capacity(episodes.len());
+        for ep in &episodes {
+            let round = (world.size > 1).then(|| bn_sync::snapshot(&bn));
+            let x = ep.images.to_device(plan.device);
+            let x = if x.dim() == 5 { x.flatten(0, 1) } else { x };
+            let opts = StepOptions {
+                micro_steps: plan.micro_steps,
+                checkpoint: plan.checkpoint,
+                loss_scale: scaler.scale_factor() * plan.episode_scale,
+                oom_above_bytes: plan.oom_above_bytes,
+            };
+            let autocast = plan.amp.autocast(plan.device)?;
+            let result = step::forward_backward_sharded(
+                model,
+                &x,
+                plan.total_images,
+                opts,
+                plan.episode_comm(),
+                plan.dynamic,
+                phases,
+            );
+            drop(autocast);
+            match result {
+                Ok(o) => outcomes.push(o),
+                Err(StepError::OutOfMemory(why)) if plan.dynamic => {
+                    let per_rank = match plan.shard {
+                        ShardMode::Images => plan.total_images / world.size as i64,
+                        ShardMode::Episodes => plan.total_images,
+                    };
+                    if plan.micro_steps >= per_rank.max(1) {
+                        bail!(
+                            "out of memory with {} micro-steps (one image per chunk): {why}. \
+                             Lower --image-size, use --amp bf16/fp16 or --checkpoint-activations",
+                            plan.micro_steps
+                        );
+                    }
+                    let next = (plan.micro_steps * 2).min(per_rank.max(1));
+                    warn!(
+                        "out of memory with {} micro-steps ({why}); redoing the step's {} episode(s) with {next}",
+                        plan.micro_steps,
+                        episodes.len()
+                    );
+                    plan.micro_steps = next;
+                    plan.log_groups();
+                    if let Some(s) = &start {
+                        bn_sync::restore(&bn, s);
+                    }
+                    if plan.device.is_cuda() {
+                        let _ = crate::ffi::cuda::empty_cache();
+                    }
+                    let slice = plan.slice();
+                    episodes = episodes
+                        .iter()
+                        .map(|e| reload(e, slice))
+                        .collect::<Result<_>>()?;
+                    continue 'attempt;
+                }
+                Err(StepError::OutOfMemory(why)) => bail!(
+                    "out of memory: {why}. Use --gradient-accumulation-steps dynamic (or a larger \
+                     N), --amp, or --checkpoint-activations"
+                ),
+                Err(StepError::Other(e)) => return Err(e),
+            }
+            if let Some(r0) = round {
+                bn_sync::combine(plan.comm, &bn, &r0, plan.micro_steps)?;
+            }
+        }
+        break outcomes;
+    };
+
+    let vars = opt.trainable_variables();
+    if world.size > 1 {
+        phases.enter(Phase::Communication);
+        let grads = defined_grads(&vars);
+        plan.comm.all_reduce_sum(&grads)?;
+        if plan.shard == ShardMode::Episodes {
+            for g in &grads {
+                let mut g = g.shallow_clone();
+                let _ = g.f_div_scalar_(world.size as f64)?;
+            }
+        }
+    }
+    phases.enter(Phase::Optimizer);
+    scaler.unscale_(&vars)?;
+    if world.size > 1 && scaler.is_enabled() {
+        // Gradients are identical after the all-reduce, so this agrees already; make it explicit.
+        let any = crate::dist::sum_f64(plan.comm, f64::from(u8::from(scaler.found_inf())))?;
+        scaler.set_found_inf(any > 0.0);
+    }
+    before_optimizer(vs)?;
+    let stepped = scaler.step(opt)?;
+    scaler.update()?;
+    Ok(StepReport { outcomes, stepped })
+}
+
+/// Each variable's gradient, created as zeros where this rank's backward did not reach it (a
+/// rank with no queries of its own), so every rank all-reduces the same tensors.
+fn defined_grads(vars: &[Tensor]) -> Vec<Tensor> {
+    let missing: Vec<&Tensor> = vars.iter().filter(|v| !v.grad().defined()).collect();
+    if !missing.is_empty() {
+        let zero = missing
+            .iter()
+            .map(|v| (*v * 0.0).sum(v.kind()))
+            .reduce(|a, b| a + b)
+            .expect("not empty");
+        zero.backward();
+    }
+    vars.iter().map(|v| v.grad()).collect()
+}
+
+/// Micro-steps for `dynamic` from the memory available: measures the backbone's working memory
+/// per image with a 2-image forward/backward (no statistics, gradients cleared after), then
+/// takes the fewest (a power of two) whose chunk fits in half of what is free.
+pub fn probe_micro_steps(
+    model: &FewShotModel,
+    opt: &mut nn::Optimizer,
+    device: Device,
+    image_size: i64,
+    images: i64,
+) -> i64 {
+    let meter = Meter::for_device(device);
+    let Some(available) = meter.available() else {
+        return 1;
+    };
+    meter.reset_peak();
+    let before = meter.read().current;
+    {
+        let x = Tensor::zeros([2, 3, image_size, image_size], (tch::Kind::Float, device));
+        let e = model.embed_t(&x, crate::model::BnMode::TrainNoStats);
+        e.sum(e.kind()).backward();
+    }
+    let per_image = (meter.read().peak.saturating_sub(before) / 2).max(1);
+    opt.zero_grad();
+    let fit = (available / 2 / per_image).max(1) as i64;
+    let mut m = 1;
+    while m < images && (images + m - 1) / m > fit {
+        m *= 2;
+    }
+    let m = m.min(images.max(1));
+    info!(
+        "dynamic micro-steps: about {:.1} MiB per image, {:.0} MiB available → {m} micro-step(s)",
+        per_image as f64 / (1u64 << 20) as f64,
+        available as f64 / (1u64 << 20) as f64
+    );
+    m
+}
+
+/// Reloads an episode with another slice of its images (same epoch, index, augmentation).
+pub fn reload_episode(
+    split: &SplitIndex,
+    shape: data::EpisodeShape,
+    cfg: &LoaderConfig,
+    ep: &LoadedEpisode,
+    slice: Option<(usize, usize)>,
+) -> Result<LoadedEpisode> {
+    let cfg = LoaderConfig { slice, ..*cfg };
+    Ok(data::load_episode(split, shape, &cfg, ep.epoch, ep.index)?)
+}
