@@ -40,6 +40,9 @@ pub enum Command {
     /// Dataset tools: create the built-in dataset, or check a dataset folder.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Benchmarks: memory sweep, step phases, all-reduce bandwidth, scaling and its model.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Debug, Args)]

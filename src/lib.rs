@@ -1,5 +1,6 @@
 //! fsct-dist: a trainer for few-shot image classification with the Few-Shot Cosine Transformer.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
@@ -63,6 +64,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(b) => bench_run(&b).map(|()| ExitCode::SUCCESS),
         Command::Data(DataCommand::Check { dir }) => {
             let report = data::check_dataset(&dir)?;
             print!("{report}");
@@ -72,6 +74,24 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(EXIT_ERROR)
             })
         }
+    }
+}
+
+fn bench_run(b: &bench::BenchCommand) -> Result<()> {
+    use bench::BenchCommand;
+    match b {
+        BenchCommand::Memory(a) => bench::memory(a),
+        BenchCommand::Step(a) => {
+            let resolved = a.run.to_config()?.resolve()?;
+            on_every_rank(&resolved, |comm| bench::step(a, comm))
+        }
+        BenchCommand::Allreduce(a) => {
+            let device = config::parse_device(&a.device)?;
+            let comm = dist::init(config::CommKind::Auto, device)?;
+            bench::allreduce::run(a, comm.as_ref()).map(|_| ())
+        }
+        BenchCommand::Scaling(a) => bench::scaling::run(a).map(|_| ()),
+        BenchCommand::Model(a) => bench::scaling_model::run(a),
     }
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::dist::CommKind;
 pub use crate::train::amp::AmpMode;
 pub use kinds::{Accumulation, Backbone, DatasetName, Method, Optimizer, ShardMode, Split};
-pub use resolve::{DatasetSource, Resolved};
+pub use resolve::{parse_device, DatasetSource, Resolved};
 
 /// Everything a run can be told, in TOML sections. Unknown keys are errors (typos fail loudly).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

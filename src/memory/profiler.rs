@@ -9,13 +9,13 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::meter::Meter;
 use crate::train::files::{write_atomic_with, write_json};
 
 /// The phases of one optimizer step, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Waiting for the next episode from the loader, moving it to the device.
@@ -44,7 +44,7 @@ impl PhaseSink for NoProfile {
     fn enter(&mut self, _: Phase) {}
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PhaseRow {
     pub phase: Phase,
     /// Bytes in use when the phase ended.
@@ -60,7 +60,7 @@ pub struct PhaseRow {
 }
 
 /// One measured step.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepMemory {
     pub step: u64,
     /// Resident at the start of the step.

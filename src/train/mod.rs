@@ -5,7 +5,7 @@ pub mod amp;
 pub mod bn_sync;
 pub mod eval;
 pub mod files;
-mod optim;
+pub mod optim;
 pub mod optimizer_step;
 pub mod plot;
 mod progress;

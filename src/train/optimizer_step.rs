@@ -70,6 +70,9 @@ impl StepPlan<'_> {
     }
 }
 
+/// Reloads an episode with another slice of its images (after the micro-steps changed).
+pub type Reload<'a> = dyn Fn(&LoadedEpisode, Option<(usize, usize)>) -> Result<LoadedEpisode> + 'a;
+
 /// One finished optimizer step.
 pub struct StepReport {
     pub outcomes: Vec<StepOutcome>,
@@ -88,7 +91,7 @@ pub fn optimizer_step(
     opt: &mut nn::Optimizer,
     scaler: &mut GradScaler,
     mut episodes: Vec<LoadedEpisode>,
-    reload: &dyn Fn(&LoadedEpisode, Option<(usize, usize)>) -> Result<LoadedEpisode>,
+    reload: &Reload,
     before_optimizer: &mut dyn FnMut(&nn::VarStore) -> Result<()>,
     phases: &mut dyn PhaseSink,
 ) -> Result<StepReport> {

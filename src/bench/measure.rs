@@ -1,0 +1,189 @@
+//! Measured training steps: the real loader, step engine and optimizer of `train`, without
+//! validation or files, every step profiled per phase (time, and memory on the run's meter).
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Resolved, ShardMode, Split};
+use crate::data::{EpisodeLoader, LoadedEpisode, LoaderConfig};
+use crate::dist::Communicator;
+use crate::memory::{MemoryProfiler, Meter, Phase, PhaseSink, StepMemory};
+use crate::train::amp::{AmpMode, GradScaler};
+use crate::train::optimizer_step::{optimizer_step, reload_episode, StepPlan};
+use crate::train::{build_on, dataset_root, loader_config, open_split, Built};
+
+/// Per-step numbers of one measured setting (steps after the warm-up).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measured {
+    pub device: String,
+    pub meter: String,
+    pub ranks: usize,
+    pub shard: ShardMode,
+    pub micro_steps: i64,
+    pub amp: AmpMode,
+    pub checkpoint: bool,
+    /// Episodes one optimizer step trains on (over all ranks), and their images.
+    pub episodes_per_step: u64,
+    pub images_per_episode: i64,
+    pub steps: Vec<StepMemory>,
+    /// Tensor bytes this rank sent into collectives per step (mean over measured steps).
+    pub bytes_sent_per_step: f64,
+}
+
+impl Measured {
+    /// Median seconds of a whole step.
+    pub fn step_seconds(&self) -> f64 {
+        median(
+            self.steps
+                .iter()
+                .map(|s| s.phases.iter().map(|p| p.seconds).sum()),
+        )
+    }
+
+    /// Median seconds spent in `phase` per step (all its entries summed).
+    pub fn phase_seconds(&self, phase: Phase) -> f64 {
+        median(self.steps.iter().map(|s| {
+            s.phases
+                .iter()
+                .filter(|p| p.phase == phase)
+                .map(|p| p.seconds)
+                .sum::<f64>()
+                + 0.0 // an empty sum is -0.0
+        }))
+    }
+
+    /// The largest working memory of a measured step (peak − held).
+    pub fn step_bytes(&self) -> u64 {
+        self.steps.iter().map(|s| s.step_bytes).max().unwrap_or(0)
+    }
+
+    pub fn peak_bytes(&self) -> u64 {
+        self.steps.iter().map(|s| s.peak_bytes).max().unwrap_or(0)
+    }
+}
+
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Trains `warmup + steps` optimizer steps of `r` on this rank of `comm` and returns the
+/// profile of the last `steps`.
+pub fn measure_steps(
+    r: &Resolved,
+    comm: &dyn Communicator,
+    warmup: u64,
+    steps: u64,
+) -> Result<Measured> {
+    let c = &r.config;
+    let world = comm.world();
+    let device = world.device_for(r.device);
+    let root = if world.is_root() {
+        dataset_root(r)
+    } else {
+        Ok(r.dataset.path().clone())
+    };
+    comm.barrier()?;
+    let root = root?;
+    let Built { vs, model, shape } = build_on(r, device)?;
+    let base = open_split(&root, Split::Base, shape)?;
+    let mut opt = crate::train::optim::build(&c.train, &vs)?;
+    let amp = c.train.amp.unwrap_or(AmpMode::Off);
+    let mut plan = StepPlan {
+        comm,
+        shard: c.train.shard,
+        device,
+        amp,
+        micro_steps: r.micro_steps as i64,
+        dynamic: false,
+        checkpoint: c.train.checkpoint_activations,
+        episode_scale: 1.0 / c.train.episodes_per_step as f64,
+        oom_above_bytes: None,
+        total_images: shape.total() as i64,
+        empty_cache_every: c.train.empty_cache_every,
+    };
+    let k = c.train.episodes_per_step;
+    let per_step = match plan.shard {
+        ShardMode::Images => k,
+        ShardMode::Episodes => k * world.size as u64,
+    };
+    let total = warmup + steps;
+    let order: Vec<u64> = (0..total)
+        .flat_map(|s| {
+            let first = s * per_step
+                + match plan.shard {
+                    ShardMode::Images => 0,
+                    ShardMode::Episodes => world.rank as u64 * k,
+                };
+            first..first + k
+        })
+        .collect();
+    let cfg = loader_config(r, c.data.train_aug);
+    let mut loader = EpisodeLoader::with_indices(
+        Arc::clone(&base),
+        shape,
+        LoaderConfig {
+            slice: plan.slice(),
+            ..cfg
+        },
+        0,
+        order,
+    );
+    let meter = Meter::for_device(device);
+    let mut profiler = MemoryProfiler::new(meter);
+    let mut scaler = GradScaler::for_mode(amp, device);
+    let mut measured = Vec::new();
+    let mut bytes = 0u64;
+    for s in 0..total {
+        profiler.begin_step(s + 1);
+        profiler.enter(Phase::Data);
+        let episodes: Vec<LoadedEpisode> = (0..k)
+            .map(|_| loader.next().expect("the order holds whole steps"))
+            .collect::<Result<_, _>>()?;
+        let sent_before = comm.bytes_sent();
+        let reload = |e: &LoadedEpisode, slice| reload_episode(&base, shape, &cfg, e, slice);
+        optimizer_step(
+            &mut plan,
+            &model,
+            &vs,
+            &mut opt,
+            &mut scaler,
+            episodes,
+            &reload,
+            &mut |_| Ok(()),
+            &mut profiler,
+        )?;
+        if device.is_cuda() && plan.empty_cache_every > 0 {
+            crate::ffi::cuda::empty_cache()?;
+        }
+        profiler.end_step();
+        if s >= warmup {
+            bytes += comm.bytes_sent() - sent_before;
+            measured.extend(profiler.last().cloned());
+        }
+    }
+    Ok(Measured {
+        device: format!("{device:?}"),
+        meter: meter.describe().to_owned(),
+        ranks: world.size,
+        shard: plan.shard,
+        micro_steps: plan.micro_steps,
+        amp,
+        checkpoint: plan.checkpoint,
+        episodes_per_step: per_step,
+        images_per_episode: plan.total_images,
+        bytes_sent_per_step: bytes as f64 / steps.max(1) as f64,
+        steps: measured,
+    })
+}

@@ -1,0 +1,221 @@
+//! `fsct-dist bench …`: the measurements users choose settings with. Each prints a markdown
+//! table and can write it (plus JSON) with `--out`.
+//!
+//! - `memory`: peak memory and time per episode for amp × micro-steps × checkpointing.
+//! - `step`: one setting's time per step split into phases, on this MPI world (under mpirun).
+//! - `allreduce`: bus bandwidth of the collective backend, as nccl-tests reports it.
+//! - `scaling`: launches `step` for W ranks × sharding modes × micro-steps; efficiency, chart.
+//! - `model`: predicts step time and efficiency up to 1024 ranks from a scaling run.
+
+pub mod allreduce;
+pub mod measure;
+pub mod scaling;
+pub mod scaling_model;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use crate::cli::RunArgs;
+use crate::config::{Accumulation, AmpMode, RunConfig};
+use crate::dist::Communicator;
+use crate::memory::Phase;
+use crate::train::files::{write_atomic, write_json};
+use measure::{measure_steps, Measured};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Peak memory and time per episode for each amp × micro-steps × checkpointing setting of
+    /// one model and episode (the table to choose memory settings from).
+    Memory(MemoryArgs),
+    /// Time per optimizer step split into phases (data, backbone, head, backward,
+    /// communication, optimizer) and bytes sent, for this world (run it under mpirun).
+    Step(StepArgs),
+    /// All-reduce bus bandwidth for message sizes 1 KiB … 512 MiB (run it under mpirun).
+    Allreduce(allreduce::AllreduceArgs),
+    /// Runs `bench step` under mpirun for W ranks × sharding modes × micro-steps: step time
+    /// split, throughput, strong/weak scaling efficiency, bytes all-reduced; table, JSON, PNG.
+    Scaling(scaling::ScalingArgs),
+    /// Predicts step time and efficiency for W up to 1024 from a `bench scaling` result and a
+    /// link (measured, NVLink, InfiniBand, Ethernet); checks itself against the measurements.
+    Model(scaling_model::ModelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MemoryArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// AMP modes to sweep (default: off,bf16 on CPU; off,fp16,bf16 on CUDA).
+    #[arg(long, value_delimiter = ',')]
+    pub sweep_amp: Option<Vec<AmpMode>>,
+    /// Micro-steps to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub sweep_micro: Vec<u64>,
+    /// Activation checkpointing settings to sweep: off, on.
+    #[arg(long, value_delimiter = ',', default_value = "off,on", value_parser = parse_on_off)]
+    pub sweep_ckpt: Vec<bool>,
+    /// Measured optimizer steps per setting (after one warm-up step).
+    #[arg(long, default_value_t = 2)]
+    pub steps: u64,
+    /// Markdown file for the table (JSON beside it).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StepArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 3)]
+    pub steps: u64,
+    /// JSON file for the measurement (rank 0 writes it).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "1" | "true" => Ok(true),
+        "off" | "0" | "false" => Ok(false),
+        _ => Err(format!("`{s}`: use on or off")),
+    }
+}
+
+/// Writes `text` to `path` and `json` beside it (same stem, .json), atomically.
+pub fn write_outputs(path: &Path, text: &str, json: &impl serde::Serialize) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    write_atomic(path, text.as_bytes())?;
+    write_json(&path.with_extension("json"), json)
+}
+
+pub fn mib(b: u64) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+/// A machine line for result files: cores, CPU model, date.
+pub fn machine_line() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let gpu = if tch::Cuda::is_available() {
+        format!(", {} CUDA device(s)", tch::Cuda::device_count())
+    } else {
+        String::new()
+    };
+    format!("{cores} cores ({cpu}){gpu}")
+}
+
+/// The command line that produced a result, for its file.
+pub fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!("fsct-dist {}", args.join(" "))
+}
+
+/// `bench memory`: every setting in one process, one after the other.
+pub fn memory(args: &MemoryArgs) -> Result<()> {
+    let base = args.run.to_config()?;
+    let device = crate::config::parse_device(&base.run.device)?;
+    let amps = args.sweep_amp.clone().unwrap_or_else(|| {
+        if device.is_cuda() {
+            vec![AmpMode::Off, AmpMode::Fp16, AmpMode::Bf16]
+        } else {
+            vec![AmpMode::Off, AmpMode::Bf16]
+        }
+    });
+    let mut results: Vec<Measured> = Vec::new();
+    let mut text = format!(
+        "# Memory sweep\n\nCommand: `{}`\nMachine: {}; date {}\n\n{}, {:?}, {} px, {}-way {}-shot {}-query\n\n\
+         | amp | micro-steps | checkpointing | step MiB | peak MiB | held MiB | s / episode |\n|---|---:|---|---:|---:|---:|---:|\n",
+        command_line(),
+        machine_line(),
+        crate::train::files::today(),
+        base.model.method.official_name(),
+        base.model.backbone,
+        base.data.image_size,
+        base.episode.n_way,
+        base.episode.k_shot,
+        base.episode.n_query
+    );
+    for &amp in &amps {
+        for &micro in &args.sweep_micro {
+            for &ckpt in &args.sweep_ckpt {
+                let mut c: RunConfig = base.clone();
+                c.train.amp = Some(amp);
+                c.train.gradient_accumulation_steps = Accumulation::Steps(micro);
+                c.train.checkpoint_activations = ckpt;
+                c.train.memory_report = false;
+                let r = c.resolve()?;
+                let m = measure_steps(&r, &crate::dist::Local, 1, args.steps)?;
+                let row = format!(
+                    "| {amp} | {micro} | {} | {:.0} | {:.0} | {:.0} | {:.2} |\n",
+                    if ckpt { "on" } else { "off" },
+                    mib(m.step_bytes()),
+                    mib(m.peak_bytes()),
+                    mib(m.steps.last().map_or(0, |s| s.held_bytes)),
+                    m.step_seconds() / m.episodes_per_step as f64
+                );
+                eprint!("{row}");
+                text += &row;
+                results.push(m);
+            }
+        }
+    }
+    text += &format!(
+        "\nstep = working memory of a step (peak − held; {}); held = at step start (weights, \
+         gradients, optimizer state, runtime). Median of {} measured steps after 1 warm-up.\n",
+        results.first().map_or("", |m| m.meter.as_str()),
+        args.steps
+    );
+    print!("{text}");
+    if let Some(out) = &args.out {
+        write_outputs(out, &text, &results)?;
+    }
+    Ok(())
+}
+
+/// `bench step`: one setting on this world; rank 0 prints and writes.
+pub fn step(args: &StepArgs, comm: &dyn Communicator) -> Result<()> {
+    let r = args.run.to_config()?.resolve()?;
+    let m = measure_steps(&r, comm, args.warmup, args.steps)?;
+    if comm.world().is_root() {
+        let phases = [
+            Phase::Data,
+            Phase::BackboneForward,
+            Phase::Head,
+            Phase::Backward,
+            Phase::Communication,
+            Phase::Optimizer,
+        ];
+        let mut line = format!(
+            "W={} shard={:?} M={} step {:.3} s:",
+            m.ranks,
+            m.shard,
+            m.micro_steps,
+            m.step_seconds()
+        );
+        for p in phases {
+            line += &format!(" {p:?} {:.3}", m.phase_seconds(p));
+        }
+        line += &format!(
+            "; {:.1} MiB sent/step",
+            m.bytes_sent_per_step / (1u64 << 20) as f64
+        );
+        println!("{line}");
+        if let Some(path) = &args.json {
+            write_json(path, &m)?;
+        }
+    }
+    Ok(())
+}

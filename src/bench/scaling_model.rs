@@ -1,0 +1,493 @@
+//! `bench model`: an analytic model of one optimizer step on W ranks, fitted to W = 1
+//! measurements, checked against W > 1 measurements, and extrapolated to W = 1024.
+//!
+//! From a W = 1 run of a mode and M: data D, backbone forward F, head H (forward; its backward
+//! is taken as 2H inside the measured backward B), optimizer O. Backbone work X = F + B − 2H,
+//! of which the backward part (≈ 2/3) can overlap the gradient all-reduce.
+//!
+//! - `images` (one episode over W ranks): T = s·(D + X + 3H)/W + s·O + C_img, where
+//!   C_img = all-gather(N·e) + all-reduce(N·e) + all-reduce(G) (e: embedding bytes per image,
+//!   G: gradient bytes), one episode per T.
+//! - `episodes` (an episode per rank): T = s·(D + X + 3H + O) + all-reduce(G), W episodes per T.
+//! - ring collectives (as NCCL): all-reduce(B) = 2(W−1)·α + 2(W−1)/W·B/β,
+//!   all-gather(B) = (W−1)·α + (W−1)/W·B/β, for link latency α and bandwidth β.
+//! - s = 1 when every rank has its own device (GPUs); s = W when the ranks share the cores of
+//!   one machine (this CPU box: W ranks of C/W cores each do the same work W times slower).
+//! - with overlap, the gradient all-reduce hides behind the backbone backward:
+//!   exposed = max(0, all-reduce(G) − s·(2/3)·X/W) (images) or − s·(2/3)·X (episodes).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::scaling::{Point, ScalingResult};
+use super::{command_line, write_outputs};
+use crate::config::ShardMode;
+use crate::memory::Phase;
+use crate::train::files::write_atomic_with;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[value(rename_all = "lower")]
+pub enum Link {
+    /// α, β fitted from a `bench allreduce` JSON (--allreduce).
+    Measured,
+    /// NVLink 4 within 8-GPU nodes (≈ 300 GB/s bus bandwidth, 5 µs), InfiniBand NDR between
+    /// nodes beyond 8 ranks (≈ 45 GB/s, 8 µs).
+    Nvlink,
+    /// InfiniBand NDR 400 Gb/s (≈ 45 GB/s, 8 µs).
+    Infiniband,
+    /// 25 Gb Ethernet (≈ 2.8 GB/s, 30 µs).
+    Ethernet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[value(rename_all = "lower")]
+pub enum Compute {
+    /// Every rank has its own device (GPU clusters).
+    PerRank,
+    /// Ranks share one machine's cores (the CPU measurements here).
+    Shared,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A `bench scaling` JSON: W = 1 points fit the model, W > 1 points check it.
+    #[arg(long)]
+    pub from: PathBuf,
+    #[arg(long, value_enum, default_value = "measured")]
+    pub link: Link,
+    /// A `bench allreduce` JSON for --link measured.
+    #[arg(long)]
+    pub allreduce: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "shared")]
+    pub compute: Compute,
+    /// Largest W to predict (powers of two).
+    #[arg(long, default_value_t = 1024)]
+    pub max_ranks: usize,
+    /// Override the fitted per-image backbone time (ms, forward + backward incl. recompute),
+    /// head time (ms, forward) and optimizer time (ms): to predict another device, e.g. a GPU.
+    #[arg(long)]
+    pub per_image_ms: Option<f64>,
+    #[arg(long)]
+    pub head_ms: Option<f64>,
+    #[arg(long)]
+    pub optimizer_ms: Option<f64>,
+    /// Override the images per episode (e.g. 105 for 5-way 5-shot 16-query) and the gradient
+    /// and embedding bytes (e.g. of ResNet34 + FS-CT at 224 px).
+    #[arg(long)]
+    pub images: Option<i64>,
+    #[arg(long)]
+    pub grad_bytes: Option<f64>,
+    #[arg(long)]
+    pub embedding_bytes: Option<f64>,
+    /// Markdown result (JSON and PNG beside it).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Fitted terms of one (mode, M), in seconds and bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fit {
+    pub shard: ShardMode,
+    pub micro_steps: i64,
+    pub data: f64,
+    pub backbone: f64,
+    pub head: f64,
+    pub optimizer: f64,
+    pub images: i64,
+    pub grad_bytes: f64,
+    pub embedding_bytes: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LinkParams {
+    pub alpha_s: f64,
+    pub beta_bytes_per_s: f64,
+}
+
+fn all_reduce(l: LinkParams, w: f64, bytes: f64) -> f64 {
+    if w <= 1.0 {
+        return 0.0;
+    }
+    2.0 * (w - 1.0) * l.alpha_s + 2.0 * (w - 1.0) / w * bytes / l.beta_bytes_per_s
+}
+
+fn all_gather(l: LinkParams, w: f64, bytes: f64) -> f64 {
+    if w <= 1.0 {
+        return 0.0;
+    }
+    (w - 1.0) * l.alpha_s + (w - 1.0) / w * bytes / l.beta_bytes_per_s
+}
+
+impl Fit {
+    /// Predicted seconds per optimizer step on `w` ranks.
+    pub fn step_seconds(&self, w: usize, link: LinkParams, compute: Compute, overlap: bool) -> f64 {
+        let wf = w as f64;
+        let s = match compute {
+            Compute::PerRank => 1.0,
+            Compute::Shared => wf,
+        };
+        let head = 3.0 * self.head;
+        let grads = all_reduce(link, wf, self.grad_bytes);
+        match self.shard {
+            ShardMode::Images => {
+                let work = s * (self.data + self.backbone + head) / wf;
+                let emb = self.images as f64 * self.embedding_bytes;
+                let comm_e = all_gather(link, wf, emb) + all_reduce(link, wf, emb);
+                let exposed = if overlap {
+                    (grads - s * self.backbone * 2.0 / 3.0 / wf).max(0.0)
+                } else {
+                    grads
+                };
+                work + s * self.optimizer + comm_e + exposed
+            }
+            ShardMode::Episodes => {
+                let work = s * (self.data + self.backbone + head + self.optimizer);
+                let exposed = if overlap {
+                    (grads - s * self.backbone * 2.0 / 3.0).max(0.0)
+                } else {
+                    grads
+                };
+                work + exposed
+            }
+        }
+    }
+
+    /// Episodes per step on `w` ranks.
+    pub fn episodes(&self, w: usize) -> f64 {
+        match self.shard {
+            ShardMode::Images => 1.0,
+            ShardMode::Episodes => w as f64,
+        }
+    }
+
+    pub fn efficiency(&self, w: usize, link: LinkParams, compute: Compute, overlap: bool) -> f64 {
+        let t1 = self.step_seconds(1, link, compute, overlap);
+        let tw = self.step_seconds(w, link, compute, overlap);
+        (self.episodes(w) / tw) / (w as f64 * self.episodes(1) / t1)
+    }
+}
+
+/// Gradient bytes (from an episodes-mode W = 2 point: it sends the gradients once, plus two
+/// scalars per episode) and embedding bytes per image (from the images-mode W = 2, M = 1 point:
+/// it also gathers its half of the embeddings and all-reduces all of them).
+fn bytes_from(points: &[Point]) -> (Option<f64>, Option<f64>) {
+    let grads = points
+        .iter()
+        .find(|p| p.shard == ShardMode::Episodes && p.ranks == 2)
+        .map(|p| p.bytes_sent_per_step);
+    let emb = points
+        .iter()
+        .find(|p| p.shard == ShardMode::Images && p.ranks == 2)
+        .zip(grads)
+        .map(|(p, g)| {
+            let n = p.images_per_episode as f64;
+            ((p.bytes_sent_per_step - g) / (n / 2.0 + n)).max(0.0)
+        });
+    (grads, emb)
+}
+
+pub fn fits(r: &ScalingResult, args: &ModelArgs) -> Result<Vec<Fit>> {
+    let (grads, emb) = bytes_from(&r.points);
+    let mut out = Vec::new();
+    for p in r.points.iter().filter(|p| p.ranks == 1) {
+        let head = p.phase(Phase::Head);
+        let backbone = p.phase(Phase::BackboneForward) + p.phase(Phase::Backward) - 2.0 * head;
+        let images = args.images.unwrap_or(p.images_per_episode);
+        let per_image = args
+            .per_image_ms
+            .map_or(backbone / p.images_per_episode as f64, |ms| ms / 1e3);
+        out.push(Fit {
+            shard: p.shard,
+            micro_steps: p.micro_steps,
+            data: p.phase(Phase::Data) * images as f64 / p.images_per_episode as f64,
+            backbone: per_image * images as f64,
+            head: args.head_ms.map_or(head, |ms| ms / 1e3),
+            optimizer: args
+                .optimizer_ms
+                .map_or(p.phase(Phase::Optimizer), |ms| ms / 1e3),
+            images,
+            grad_bytes: args.grad_bytes.or(grads).unwrap_or(0.0),
+            embedding_bytes: args.embedding_bytes.or(emb).unwrap_or(0.0),
+        });
+    }
+    if out.is_empty() {
+        bail!(
+            "{} has no W = 1 points to fit the model to",
+            args.from.display()
+        );
+    }
+    Ok(out)
+}
+
+pub fn link_params(args: &ModelArgs, w: usize) -> Result<LinkParams> {
+    Ok(match args.link {
+        Link::Measured => {
+            let path = args
+                .allreduce
+                .as_ref()
+                .context("--link measured needs --allreduce FILE (from `bench allreduce --out`)")?;
+            let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(path)?)?;
+            let get = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+            let (small, large) = (rows.first(), rows.last());
+            let (Some(small), Some(large)) = (small, large) else {
+                bail!("{} holds no rows", path.display());
+            };
+            // busbw of the largest message is β; the smallest message's time is latency-bound.
+            let beta = get(large, "busbw_gbs").max(1e-6) * 1e9;
+            let alpha = get(small, "seconds") / 2.0;
+            LinkParams {
+                alpha_s: alpha,
+                beta_bytes_per_s: beta,
+            }
+        }
+        Link::Nvlink if w <= 8 => LinkParams {
+            alpha_s: 5e-6,
+            beta_bytes_per_s: 300e9,
+        },
+        Link::Nvlink | Link::Infiniband => LinkParams {
+            alpha_s: 8e-6,
+            beta_bytes_per_s: 45e9,
+        },
+        Link::Ethernet => LinkParams {
+            alpha_s: 30e-6,
+            beta_bytes_per_s: 2.8e9,
+        },
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    shard: ShardMode,
+    micro_steps: i64,
+    ranks: usize,
+    measured_s: f64,
+    predicted_s: f64,
+    error: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Prediction {
+    shard: ShardMode,
+    micro_steps: i64,
+    ranks: usize,
+    step_s: f64,
+    step_s_overlap: f64,
+    efficiency: f64,
+    efficiency_overlap: f64,
+    episodes_per_s: f64,
+}
+
+pub fn run(args: &ModelArgs) -> Result<()> {
+    let r: ScalingResult = serde_json::from_slice(
+        &std::fs::read(&args.from).with_context(|| format!("reading {}", args.from.display()))?,
+    )?;
+    let fits = fits(&r, args)?;
+    let mut text = format!(
+        "# Scaling model\n\nCommand: `{}`\nFitted to: {} ({}; {})\nLink: {:?}; compute: {:?}\n\n\
+         ## Fitted terms (W = 1)\n\n| shard | M | data ms | backbone ms | head ms (fwd) | optimizer ms | images | grad MiB | embedding KiB/image |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        command_line(),
+        args.from.display(),
+        r.machine,
+        r.date,
+        args.link,
+        args.compute
+    );
+    for f in &fits {
+        text += &format!(
+            "| {:?} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} |\n",
+            f.shard,
+            f.micro_steps,
+            f.data * 1e3,
+            f.backbone * 1e3,
+            f.head * 1e3,
+            f.optimizer * 1e3,
+            f.images,
+            f.grad_bytes / (1u64 << 20) as f64,
+            f.embedding_bytes / 1024.0
+        );
+    }
+    let mut checks = Vec::new();
+    for p in r.points.iter().filter(|p| p.ranks > 1) {
+        if let Some(f) = fits
+            .iter()
+            .find(|f| f.shard == p.shard && f.micro_steps == p.micro_steps)
+        {
+            let predicted =
+                f.step_seconds(p.ranks, link_params(args, p.ranks)?, args.compute, false);
+            checks.push(Check {
+                shard: p.shard,
+                micro_steps: p.micro_steps,
+                ranks: p.ranks,
+                measured_s: p.step_seconds,
+                predicted_s: predicted,
+                error: predicted / p.step_seconds - 1.0,
+            });
+        }
+    }
+    if !checks.is_empty() {
+        text += "\n## Check against the measurements (no overlap, as the trainer runs)\n\n| shard | M | W | measured s | predicted s | error |\n|---|---:|---:|---:|---:|---:|\n";
+        for c in &checks {
+            text += &format!(
+                "| {:?} | {} | {} | {:.3} | {:.3} | {:+.0}% |\n",
+                c.shard,
+                c.micro_steps,
+                c.ranks,
+                c.measured_s,
+                c.predicted_s,
+                100.0 * c.error
+            );
+        }
+    }
+    let mut preds = Vec::new();
+    let mut w = 1;
+    while w <= args.max_ranks {
+        for f in &fits {
+            let l = link_params(args, w)?;
+            let t = f.step_seconds(w, l, args.compute, false);
+            preds.push(Prediction {
+                shard: f.shard,
+                micro_steps: f.micro_steps,
+                ranks: w,
+                step_s: t,
+                step_s_overlap: f.step_seconds(w, l, args.compute, true),
+                efficiency: f.efficiency(w, l, args.compute, false),
+                efficiency_overlap: f.efficiency(w, l, args.compute, true),
+                episodes_per_s: f.episodes(w) / t,
+            });
+        }
+        w *= 2;
+    }
+    text += "\n## Predictions\n\n| shard | M | W | step ms | step ms (overlap) | efficiency | efficiency (overlap) | episodes/s |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for p in &preds {
+        text += &format!(
+            "| {:?} | {} | {} | {:.2} | {:.2} | {:.0}% | {:.0}% | {:.1} |\n",
+            p.shard,
+            p.micro_steps,
+            p.ranks,
+            p.step_s * 1e3,
+            p.step_s_overlap * 1e3,
+            100.0 * p.efficiency,
+            100.0 * p.efficiency_overlap,
+            p.episodes_per_s
+        );
+    }
+    print!("{text}");
+    if let Some(out) = &args.out {
+        let json = serde_json::json!({ "fits": fits, "checks": checks, "predictions": preds, "link": args.link, "compute": args.compute });
+        write_outputs(out, &text, &json)?;
+        plot(&preds, &out.with_extension("png"))?;
+    }
+    Ok(())
+}
+
+/// Predicted efficiency against W (log₂ axis), with and without overlap.
+fn plot(preds: &[Prediction], path: &std::path::Path) -> Result<()> {
+    crate::train::plot::register_font();
+    let e = |x: &dyn std::fmt::Display| anyhow::anyhow!("{x}");
+    let max_w = preds.iter().map(|p| p.ranks).max().unwrap_or(1) as f64;
+    write_atomic_with(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (900, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let mut c = ChartBuilder::on(&root)
+            .margin(14)
+            .caption(
+                "predicted scaling efficiency (dashed: with overlap)",
+                ("sans-serif", 18),
+            )
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..max_w.log2(), 0.0..1.05)
+            .map_err(|x| e(&x))?;
+        c.configure_mesh()
+            .x_desc("ranks W")
+            .x_label_formatter(&|x| format!("{}", 2f64.powf(*x).round()))
+            .y_desc("efficiency")
+            .draw()
+            .map_err(|x| e(&x))?;
+        let mut keys: Vec<(ShardMode, i64)> =
+            preds.iter().map(|p| (p.shard, p.micro_steps)).collect();
+        keys.sort_by_key(|k| (k.0 == ShardMode::Episodes, k.1));
+        keys.dedup();
+        for (i, (shard, m)) in keys.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let sel: Vec<&Prediction> = preds
+                .iter()
+                .filter(|p| p.shard == *shard && p.micro_steps == *m)
+                .collect();
+            c.draw_series(LineSeries::new(
+                sel.iter().map(|p| ((p.ranks as f64).log2(), p.efficiency)),
+                color.stroke_width(2),
+            ))
+            .map_err(|x| e(&x))?
+            .label(format!("{shard:?} M={m}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+            c.draw_series(DashedLineSeries::new(
+                sel.iter()
+                    .map(|p| ((p.ranks as f64).log2(), p.efficiency_overlap)),
+                5,
+                4,
+                color.stroke_width(1),
+            ))
+            .map_err(|x| e(&x))?;
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.85))
+            .draw()
+            .map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fit(shard: ShardMode) -> Fit {
+        Fit {
+            shard,
+            micro_steps: 1,
+            data: 0.0,
+            backbone: 1.0,
+            head: 0.0,
+            optimizer: 0.0,
+            images: 100,
+            grad_bytes: 0.0,
+            embedding_bytes: 0.0,
+        }
+    }
+
+    #[test]
+    fn free_communication_scales_perfectly_per_rank_and_not_at_all_on_shared_cores() {
+        let l = LinkParams {
+            alpha_s: 0.0,
+            beta_bytes_per_s: 1e9,
+        };
+        for shard in [ShardMode::Images, ShardMode::Episodes] {
+            let f = fit(shard);
+            assert!((f.efficiency(8, l, Compute::PerRank, false) - 1.0).abs() < 1e-12);
+            assert!((f.efficiency(8, l, Compute::Shared, false) - 0.125).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn ring_all_reduce_matches_the_textbook_cost() {
+        let l = LinkParams {
+            alpha_s: 1e-5,
+            beta_bytes_per_s: 1e9,
+        };
+        // 4 ranks, 1 GB: 2·3·10 µs + 2·3/4 s.
+        assert!((all_reduce(l, 4.0, 1e9) - (6e-5 + 1.5)).abs() < 1e-12);
+        let mut f = fit(ShardMode::Episodes);
+        f.grad_bytes = 1e9;
+        // Overlap hides up to 2/3 of the backbone time (1 s) behind the 1.5 s all-reduce.
+        let t = f.step_seconds(4, l, Compute::PerRank, true);
+        assert!((t - (1.0 + 1.5 + 6e-5 - 2.0 / 3.0)).abs() < 1e-9);
+    }
+}
