@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use fsct_dist::config::{Backbone, Method};
 use fsct_dist::model::{load_official, read_safetensors_metadata, FewShotModel, ModelConfig};
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 const TOL_FWD: f64 = 1e-5;
 const TOL_GRAD: f64 = 1e-4;
@@ -223,7 +223,7 @@ fn check_fixture(path: &Path) -> Vec<Row> {
         .map(|(_, v)| norm(v).powi(2))
         .sum::<f64>()
         .sqrt();
-    let mut opt = nn::adamw(0.9, 0.999, 1e-5).build(&vs, 1e-3).expect("adamw");
+    let mut opt = adamw(&vs);
     opt.step();
     for (k, v) in &file {
         if let Some(name) = k.strip_prefix("expected.adamw.") {
@@ -252,7 +252,7 @@ fn check_fixture(path: &Path) -> Vec<Row> {
         }
     }
 
-    // The optimizer alone: the official gradients fed to tch's AdamW must give the official step.
+    // The optimizer alone: the official gradients fed to our AdamW must give the official step.
     let (vs2, _model2) = build(path, &cfg);
     let vars2 = vs2.variables();
     let surrogate = expected_grads
@@ -260,9 +260,7 @@ fn check_fixture(path: &Path) -> Vec<Row> {
         .map(|(name, g)| (&vars2[name] * g).sum(Kind::Float))
         .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |a, b| a + b);
     surrogate.backward(); // d/dp Σ p·g = g exactly
-    let mut opt2 = nn::adamw(0.9, 0.999, 1e-5)
-        .build(&vs2, 1e-3)
-        .expect("adamw");
+    let mut opt2 = adamw(&vs2);
     opt2.step();
     for (k, v) in &file {
         if let Some(name) = k.strip_prefix("expected.adamw.") {
@@ -275,6 +273,13 @@ fn check_fixture(path: &Path) -> Vec<Row> {
         }
     }
     rows
+}
+
+/// The trainer's AdamW with the official settings (lr 1e-3, weight decay 1e-5).
+fn adamw(vs: &nn::VarStore) -> fsct_dist::train::optim::Optimizer {
+    let c = fsct_dist::config::RunConfig::default().train;
+    assert_eq!((c.learning_rate, c.weight_decay), (1e-3, 1e-5));
+    fsct_dist::train::optim::build(&c, vs).expect("adamw")
 }
 
 #[test]

@@ -32,8 +32,9 @@ use std::fmt;
 
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, TchError, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
+use super::optim::Step;
 use crate::ffi::{AutocastGuard, ShimError};
 
 /// `--amp`: the autocast dtype, or none.
@@ -277,7 +278,7 @@ impl GradScaler {
     /// The optimizer step unless an inf/NaN gradient was found (unscaling first if
     /// [`unscale_`](Self::unscale_) was not called this step). Returns whether the step was
     /// taken. Disabled: always steps.
-    pub fn step(&mut self, opt: &mut nn::Optimizer) -> Result<bool, AmpError> {
+    pub fn step(&mut self, opt: &mut impl Step) -> Result<bool, AmpError> {
         if !self.enabled {
             opt.step();
             return Ok(true);

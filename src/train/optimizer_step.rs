@@ -5,6 +5,8 @@
 
 use anyhow::{bail, Result};
 use tch::{nn, Device, Tensor};
+
+use super::optim::Optimizer;
 use tracing::{info, warn};
 
 use super::amp::{AmpMode, GradScaler};
@@ -88,7 +90,7 @@ pub fn optimizer_step(
     plan: &mut StepPlan,
     model: &FewShotModel,
     vs: &nn::VarStore,
-    opt: &mut nn::Optimizer,
+    opt: &mut Optimizer,
     scaler: &mut GradScaler,
     mut episodes: Vec<LoadedEpisode>,
     reload: &Reload,
@@ -219,7 +221,7 @@ fn defined_grads(vars: &[Tensor]) -> Vec<Tensor> {
 /// takes the fewest (a power of two) whose chunk fits in half of what is free.
 pub fn probe_micro_steps(
     model: &FewShotModel,
-    opt: &mut nn::Optimizer,
+    opt: &mut Optimizer,
     device: Device,
     image_size: i64,
     images: i64,
