@@ -167,6 +167,16 @@ pub struct RunArgs {
     /// Collective backend between ranks: auto (NCCL on CUDA, else MPI), nccl or mpi.
     #[arg(long, value_enum)]
     pub comm: Option<crate::config::CommKind>,
+    /// Continue a run from its newest checkpoint (RUN) or a given one (RUN/checkpoints/step-N):
+    /// the run's own config, with the flags given here laid over it (e.g. a larger --max-steps).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Write a resumable checkpoint every N optimizer steps (0 = at epoch ends only).
+    #[arg(long = "checkpoint-every", alias = "checkpoint_every")]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints to keep (the newest).
+    #[arg(long = "keep-checkpoints", alias = "keep_checkpoints")]
+    pub keep_checkpoints: Option<u64>,
     /// Test hook: a backbone chunk whose input exceeds this many bytes fails as out of memory.
     #[arg(long = "simulate-oom-above-bytes", hide = true)]
     pub simulate_oom_above_bytes: Option<u64>,
@@ -286,6 +296,8 @@ impl RunArgs {
         set(&mut c.train.episodes_per_step, &self.episodes_per_step);
         set(&mut c.train.empty_cache_every, &self.empty_cache_every);
         set(&mut c.train.shard, &self.shard);
+        set(&mut c.train.checkpoint_every, &self.checkpoint_every);
+        set(&mut c.train.keep_checkpoints, &self.keep_checkpoints);
         set(&mut c.run.comm, &self.comm);
         set(&mut c.test.episodes, &self.test_iter);
         set(&mut c.test.split, &self.split);

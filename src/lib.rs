@@ -19,12 +19,19 @@ use cli::{Cli, Command, DataCommand};
 
 /// Exit code of a run that failed with an error message.
 pub const EXIT_ERROR: u8 = 1;
+/// Exit code of a run stopped by SIGTERM/SIGINT after writing a checkpoint (resume it with
+/// `--resume`).
+pub const EXIT_PREEMPTED: u8 = 3;
 
 /// Runs one command; every user error comes back as a message that names the fix.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Train(args) => {
-            let resolved = args.to_config()?.resolve()?;
+            let (config, resume) = match &args.resume {
+                Some(path) => resume_config(&args, path)?,
+                None => (args.to_config()?, None),
+            };
+            let resolved = config.resolve()?;
             if args.dry_run {
                 print!("{}", resolved.config.to_toml());
                 return Ok(ExitCode::SUCCESS);
@@ -34,10 +41,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 grads: args.dump_grads.clone(),
                 simulate_oom_above_bytes: args.simulate_oom_above_bytes,
             };
+            let mut preempted = None;
             on_every_rank(&resolved, |comm| {
-                train::train(&resolved, &dumps, comm).map(|_| ())
+                let summary = train::train(&resolved, &dumps, comm, resume.as_deref())?;
+                preempted = summary.preempted;
+                Ok(())
             })?;
-            Ok(ExitCode::SUCCESS)
+            match preempted {
+                Some(ckpt) => {
+                    eprintln!(
+                        "stopped by a signal; checkpoint {} written. Resume with: fsct-dist train --resume {}",
+                        ckpt.display(),
+                        resolved.config.run.output.display()
+                    );
+                    Ok(ExitCode::from(EXIT_PREEMPTED))
+                }
+                None => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::Test(args) => test_run(&args),
         Command::Data(DataCommand::Synth {
@@ -75,6 +95,28 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// The config of a run to resume (the checkpoint's own, with the given flags over it) and the
+/// checkpoint to load. The run folder is where the checkpoint lives.
+fn resume_config(
+    args: &cli::RunArgs,
+    path: &std::path::Path,
+) -> Result<(config::RunConfig, Option<std::path::PathBuf>)> {
+    anyhow::ensure!(
+        args.config.is_none(),
+        "--resume uses the run's own config; drop --config (flags given with --resume still apply)"
+    );
+    let ckpt = train::checkpoint::resolve(path)?;
+    let state = train::checkpoint::read_state(&ckpt)?;
+    let mut c = state.config;
+    args.apply(&mut c);
+    // The run folder: RUN for RUN/checkpoints/step-N.
+    c.run.output = ckpt
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map_or_else(|| path.to_path_buf(), std::path::Path::to_path_buf);
+    Ok((c, Some(ckpt)))
 }
 
 fn bench_run(b: &bench::BenchCommand) -> Result<()> {

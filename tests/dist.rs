@@ -437,3 +437,86 @@ fn an_error_on_one_rank_ends_the_job_with_that_ranks_message() {
     );
     assert!(took < Duration::from_secs(45), "ended after {took:?}");
 }
+
+fn read_sorted(path: &Path) -> Vec<(String, Tensor)> {
+    let mut v = Tensor::read_safetensors(path).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn assert_bit_identical(a: &Path, b: &Path) {
+    for ((na, ta), (nb, tb)) in read_sorted(a).iter().zip(&read_sorted(b)) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs");
+    }
+}
+
+#[test]
+fn a_multi_rank_run_stopped_by_sigterm_and_resumed_ends_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    let whole = dir.path().join("whole.safetensors");
+    let long = [
+        "--max-steps",
+        "30",
+        "--epochs",
+        "10",
+        "--checkpoint-every",
+        "1",
+    ];
+    mpirun(
+        2,
+        &train_args(
+            &ds,
+            &dir.path().join("a"),
+            &[&long[..], &["--dump-params", whole.to_str().unwrap()]].concat(),
+        ),
+    );
+
+    let b = dir.path().join("b");
+    let child = Command::new("bash")
+        .arg(launcher())
+        .args(["-n", "2"])
+        .args(train_args(&ds, &b, &long))
+        .env("FSCT", BIN)
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !b.join("checkpoints/step-00000002").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // As SLURM does on preemption: every rank gets SIGTERM.
+    for pid in rank_pids(child.id()) {
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    let (out, _) = wait_with_limit(child, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "exit code 3 (preempted): {err}");
+
+    let resumed = dir.path().join("resumed.safetensors");
+    mpirun(
+        2,
+        &[
+            "train".to_string(),
+            "--resume".into(),
+            b.to_string_lossy().into_owned(),
+            "--dump-params".into(),
+            resumed.to_string_lossy().into_owned(),
+        ],
+    );
+    assert_bit_identical(&resumed, &whole);
+    assert_bit_identical(
+        &dir.path().join("resumed.rank1.safetensors"),
+        &dir.path().join("whole.rank1.safetensors"),
+    );
+}

@@ -220,6 +220,7 @@ fn episodes_per_step_averages_the_episode_gradients() {
             ..Dumps::default()
         },
         &fsct_dist::dist::Local,
+        None,
     )
     .unwrap();
     let dumped: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&dumped)

@@ -165,6 +165,11 @@ pub struct TrainConfig {
     pub empty_cache_every: u64,
     /// How ranks share a step: `images` (slices of one episode) or `episodes` (one each).
     pub shard: ShardMode,
+    /// Write a resumable checkpoint every N optimizer steps (0 = at epoch ends only; one is
+    /// always written at each epoch end, at the end of the run and on SIGTERM/SIGINT).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept in RUN/checkpoints (the newest).
+    pub keep_checkpoints: u64,
 }
 
 impl Default for TrainConfig {
@@ -186,6 +191,8 @@ impl Default for TrainConfig {
             log_every: 20,
             empty_cache_every: 1,
             shard: ShardMode::Images,
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
         }
     }
 }
@@ -263,7 +270,15 @@ impl RunConfig {
 
     pub fn from_toml(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
+            let mut msg = e.message().to_string();
+            // Where: the offending line, which names the key.
+            if let Some(span) = e.span() {
+                let start = span.start.min(text.len());
+                let line_no = text[..start].matches('\n').count() + 1;
+                if let Some(line) = text.lines().nth(line_no - 1) {
+                    msg = format!("{msg}, at line {line_no}: `{}`", line.trim());
+                }
+            }
             match suggest_key(&msg) {
                 Some(hint) => format!("{msg} ({hint})"),
                 None => msg,

@@ -64,6 +64,18 @@ pub fn decode_image(path: &Path, root: &Path) -> Result<Rgb, DataError> {
     if bytes.is_empty() {
         return Err(bad("the file is empty (0 bytes)".into()));
     }
+    // Refuse absurd sizes from the header alone, before any decoder allocates for them.
+    if let Ok((w, h)) = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?
+        .into_dimensions()
+    {
+        if (w as usize).saturating_mul(h as usize) > MAX_PIXELS {
+            return Err(bad(format!(
+                "the image claims {w}×{h} pixels, above the {MAX_PIXELS}-pixel limit (a corrupt or hostile file?)"
+            )));
+        }
+    }
     if let Some(img) = decode_jpeg_turbo(&bytes) {
         return Ok(img);
     }
@@ -85,6 +97,10 @@ thread_local! {
     static TURBO: std::cell::RefCell<Option<turbojpeg::Decompressor>> =
         const { std::cell::RefCell::new(None) };
 }
+
+/// Images above this many pixels are refused before decoding (PIL's decompression-bomb error
+/// threshold): a corrupt or hostile header must not make a loader thread allocate gigabytes.
+pub const MAX_PIXELS: usize = 2 * 89_478_485;
 
 /// Full-resolution RGB decode of a JPEG by libjpeg-turbo; `None` if it is not a JPEG, is
 /// CMYK/YCCK, or libjpeg-turbo reports any error or warning (the caller then falls back).
@@ -634,5 +650,33 @@ mod tests {
         // A window of the same resize gives the same pixels.
         let win = resample(&img, (0, 0, w, h), 4, 3, (1, 1, 2, 2));
         assert_eq!(win.data, [&pil[1][3..9], &pil[2][3..9]].concat());
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn a_header_claiming_too_many_pixels_is_refused_before_decoding() {
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut bytes)
+            .encode(
+                &[128u8; 16 * 16 * 3],
+                16,
+                16,
+                image::ExtendedColorType::Rgb8,
+            )
+            .unwrap();
+        let sof = bytes.windows(2).position(|m| m == [0xFF, 0xC0]).unwrap();
+        bytes[sof + 5..sof + 9].copy_from_slice(&[0xEA, 0x60, 0xEA, 0x60]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.jpg");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = decode_image(&path, dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("60000×60000") && err.contains("limit"),
+            "{err}"
+        );
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use super::step::balanced_groups;
@@ -17,7 +17,7 @@ use crate::model::{correct, FewShotModel};
 pub const VAL_EPOCH: u64 = u64::MAX - 1;
 pub const TEST_EPOCH: u64 = u64::MAX;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Accuracy {
     pub episodes: usize,
     /// Mean accuracy in percent.

@@ -30,7 +30,31 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.with_context(|| format!("writing {}", path.display()))
+    let hint = disk_hint_for(&result);
+    result.with_context(|| format!("writing {}{hint}", path.display()))
+}
+
+/// " (the disk is full …)" when an error says the disk or a file-size limit is exhausted, so
+/// the message names the fix; empty otherwise.
+pub fn disk_hint_for<T>(result: &Result<T>) -> &'static str {
+    match result {
+        Err(e) if is_disk_full(e) => {
+            " (the disk is full, or a file-size limit was hit: free space, then resume with --resume)"
+        }
+        _ => "",
+    }
+}
+
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| code == 28 || code == 27) // ENOSPC, EFBIG
+            || {
+                let t = c.to_string();
+                t.contains("No space left") || t.contains("File too large")
+            }
+    })
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -97,6 +121,16 @@ pub struct JsonLines {
 impl JsonLines {
     pub fn create(path: &Path) -> Result<Self> {
         let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    /// Continues an existing log (a resumed run).
+    pub fn append(path: &Path) -> Result<Self> {
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
         Ok(Self { file })
     }
 

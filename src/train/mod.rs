@@ -3,12 +3,14 @@
 
 pub mod amp;
 pub mod bn_sync;
+pub mod checkpoint;
 pub mod eval;
 pub mod files;
 pub mod optim;
 pub mod optimizer_step;
 pub mod plot;
 mod progress;
+mod signals;
 pub mod step;
 
 use std::path::{Path, PathBuf};
@@ -69,6 +71,8 @@ pub struct TrainSummary {
     pub best_epoch: Option<u64>,
     pub test: Option<Accuracy>,
     pub seconds: f64,
+    /// Set when SIGTERM/SIGINT stopped the run: the checkpoint to resume from.
+    pub preempted: Option<PathBuf>,
 }
 
 /// One metrics line (metrics.jsonl).
@@ -198,7 +202,12 @@ pub fn open_split(root: &Path, split: Split, shape: EpisodeShape) -> Result<Arc<
 /// Trains, validates every epoch, keeps the best, then tests it. Writes into the run folder
 /// (rank 0 only): config.toml, metrics.jsonl, best/last weights, curves.png, summary.json,
 /// test.json. Every rank of `comm` calls this with the same config.
-pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<TrainSummary> {
+pub fn train(
+    r: &Resolved,
+    dumps: &Dumps,
+    comm: &dyn Communicator,
+    resume: Option<&Path>,
+) -> Result<TrainSummary> {
     let c = &r.config;
     let out = &c.run.output;
     let world = comm.world();
@@ -232,6 +241,24 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
     let base = open_split(&root, Split::Base, shape)?;
     let val = open_split(&root, Split::Val, shape)?;
     let mut opt = optim::build(&c.train, &vs)?;
+    let mut vs = vs;
+    let resumed = match resume {
+        Some(path) => {
+            let ckpt = checkpoint::resolve(path)?;
+            let state = checkpoint::read_state(&ckpt)?;
+            checkpoint::load(&ckpt, &state, c, &mut vs, &mut opt)?;
+            info!(
+                "resuming from {} (step {}, epoch {}, {} steps into it)",
+                ckpt.display(),
+                state.step,
+                state.epoch,
+                state.steps_in_epoch
+            );
+            Some(state)
+        }
+        None => None,
+    };
+    let vs = vs;
     info!(
         "{} {:?} on {} ({} base / {} val classes), {}-way {}-shot {}-query, {} px, {} episodes/epoch × {} epochs, device {:?}, {} rank(s) over {}",
         c.model.method.official_name(),
@@ -264,7 +291,9 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
         total_images: shape.total() as i64,
         empty_cache_every: c.train.empty_cache_every,
     };
-    if plan.dynamic {
+    if let Some(state) = &resumed {
+        plan.micro_steps = state.micro_steps;
+    } else if plan.dynamic {
         let per_rank = match plan.shard {
             ShardMode::Images => plan.total_images / world.size as i64,
             ShardMode::Episodes => plan.total_images,
@@ -282,21 +311,33 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
     let meter = Meter::for_device(device);
     let mut profiler = c.train.memory_report.then(|| MemoryProfiler::new(meter));
     let mut scaler = GradScaler::for_mode(amp, device);
+    if let Some(s) = resumed.as_ref().and_then(|s| s.scaler.as_ref()) {
+        scaler.load_state(s);
+    }
     let started = Instant::now();
-    let mut metrics = if root_rank {
-        Some(JsonLines::create(&out.join("metrics.jsonl"))?)
+    let metrics_path = out.join("metrics.jsonl");
+    let mut curves = if resumed.is_some() {
+        Curves::from_metrics(&metrics_path)
     } else {
-        None
+        Curves::default()
     };
-    let mut curves = Curves::default();
+    let mut metrics = if !root_rank {
+        None
+    } else if resumed.is_some() {
+        Some(JsonLines::append(&metrics_path)?)
+    } else {
+        Some(JsonLines::create(&metrics_path)?)
+    };
     let mut summary = TrainSummary {
-        steps: 0,
+        steps: resumed.as_ref().map_or(0, |s| s.step),
         epochs_completed: 0,
-        best_val: None,
-        best_epoch: None,
+        best_val: resumed.as_ref().and_then(|s| s.best_val.clone()),
+        best_epoch: resumed.as_ref().and_then(|s| s.best_epoch),
         test: None,
         seconds: 0.0,
+        preempted: None,
     };
+    let stop = signals::StopFlag::install()?;
     let max_steps = if c.train.max_steps == 0 {
         u64::MAX
     } else {
@@ -319,8 +360,40 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
     let progress = Progress::new_on(root_rank, total, "train");
     let train_cfg = loader_config(r, c.data.train_aug);
 
-    'epochs: for epoch in 0..c.train.epochs {
-        let steps = steps_per_epoch.min(max_steps - summary.steps);
+    // Where to start: the epoch in progress at the checkpoint, past the steps it had done.
+    let (first_epoch, mut done_in_epoch) = match &resumed {
+        Some(s) if s.epoch_validated => (s.epoch + 1, 0),
+        Some(s) => (s.epoch, s.steps_in_epoch),
+        None => (0, 0),
+    };
+    let checkpoint_at = |vs: &VarStore,
+                         opt: &optim::Optimizer,
+                         summary: &TrainSummary,
+                         at: Position,
+                         scaler: &GradScaler|
+     -> Result<Option<PathBuf>> {
+        if !root_rank {
+            return Ok(None);
+        }
+        let state = checkpoint::CheckpointState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: summary.steps,
+            epoch: at.epoch,
+            steps_in_epoch: at.steps_in_epoch,
+            epoch_validated: at.validated,
+            best_val: summary.best_val.clone(),
+            best_epoch: summary.best_epoch,
+            scaler: scaler.state(),
+            micro_steps: at.micro_steps,
+            model: checkpoint::ModelSignature::of(c),
+            config: c.clone(),
+        };
+        checkpoint::save(out, vs, opt, &state, c.train.keep_checkpoints as usize).map(Some)
+    };
+
+    'epochs: for epoch in first_epoch..c.train.epochs {
+        let skip = std::mem::take(&mut done_in_epoch);
+        let steps = steps_per_epoch.min(skip + (max_steps - summary.steps));
         // This rank's episodes of the epoch, in the order its steps take them.
         let order: Vec<u64> = (0..steps)
             .flat_map(|s| {
@@ -335,7 +408,7 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
             })
             .collect();
         let mut stats = EpochStats::new();
-        let mut next = 0;
+        let mut next = (skip * k) as usize;
         while next < order.len() {
             // A fresh loader whenever the slice changed (dynamic micro-steps regroup the images).
             let slice = plan.slice();
@@ -379,7 +452,13 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
                     &reload,
                     &mut dump,
                     sink,
-                )?;
+                )
+                .with_context(|| {
+                    format!(
+                        "optimizer step {} (epoch {epoch}); the last checkpoint is kept",
+                        summary.steps + 1
+                    )
+                })?;
                 summary.steps += 1;
                 if !report.stepped {
                     tracing::warn!(
@@ -400,12 +479,6 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
                 let mut loss = 0.0;
                 for o in &report.outcomes {
                     loss = stats.add(o);
-                    // In fp32 a non-finite loss is fatal; with fp16 the scaler skips the step.
-                    anyhow::ensure!(
-                        loss.is_finite() || scaler.is_enabled(),
-                        "the loss became {loss} in epoch {epoch} at optimizer step {}; lower --learning-rate",
-                        summary.steps
-                    );
                 }
                 progress.step(format!(
                     "epoch {epoch} step {} loss {loss:.3}",
@@ -424,6 +497,26 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
                     }
                     curves.loss.push((summary.steps as f64, loss));
                 }
+                let at = Position {
+                    epoch,
+                    steps_in_epoch: (next / k as usize) as u64,
+                    validated: false,
+                    micro_steps: plan.micro_steps,
+                };
+                if stop.requested(comm)? {
+                    progress.finish();
+                    let dir = checkpoint_at(&vs, &opt, &summary, at, &scaler)?;
+                    comm.barrier()?;
+                    summary.preempted = Some(dir.unwrap_or_else(|| out.join(checkpoint::DIR)));
+                    summary.seconds = started.elapsed().as_secs_f64();
+                    return Ok(summary);
+                }
+                if c.train.checkpoint_every > 0
+                    && summary.steps % c.train.checkpoint_every == 0
+                    && at.steps_in_epoch < steps_per_epoch
+                {
+                    checkpoint_at(&vs, &opt, &summary, at, &scaler)?;
+                }
             }
         }
         if let Some(acc) = stats.epoch_acc() {
@@ -440,14 +533,27 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
         };
         let acc = evaluate(&model, set, device, comm, || vprog.step(String::new()))?;
         vprog.finish();
-        let best = summary.best_val.as_ref().is_none_or(|b| acc.mean > b.mean);
+        // An epoch cut short by --max-steps is validated for the user, but only completed
+        // epochs compete for "best" (so a resumed run picks the same best model as one that
+        // was never stopped); it provides best.safetensors only while no epoch has completed.
+        let done = order.len() as u64 / k;
+        let complete = done == steps_per_epoch;
+        let best = if complete {
+            summary.best_val.as_ref().is_none_or(|b| acc.mean > b.mean)
+        } else {
+            summary.best_val.is_none()
+        };
         progress.println(&format!(
             "epoch {epoch}: {} {}",
             acc.official_line("Val"),
-            if best { "(best)" } else { "" }
+            match (best, complete) {
+                (true, true) => "(best)",
+                (true, false) => "(epoch cut short by --max-steps; kept as best for now)",
+                _ => "",
+            }
         ));
         curves.val_acc.push((epoch as f64, acc.mean));
-        if best {
+        if best && complete {
             summary.best_val = Some(acc.clone());
             summary.best_epoch = Some(epoch);
         }
@@ -474,6 +580,13 @@ pub fn train(r: &Resolved, dumps: &Dumps, comm: &dyn Communicator) -> Result<Tra
                 },
             )?;
         }
+        let at = Position {
+            epoch,
+            steps_in_epoch: done,
+            validated: complete,
+            micro_steps: plan.micro_steps,
+        };
+        checkpoint_at(&vs, &opt, &summary, at, &scaler)?;
         if summary.steps >= max_steps {
             break 'epochs;
         }
@@ -547,6 +660,16 @@ pub fn test_split(
         )?;
     }
     Ok(acc)
+}
+
+/// Where a checkpoint is taken.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    epoch: u64,
+    steps_in_epoch: u64,
+    /// The epoch is complete and validated (resume starts the next one).
+    validated: bool,
+    micro_steps: i64,
 }
 
 /// Running means for the metrics: a logging window (loss, speed) and the epoch (accuracy).

@@ -176,6 +176,17 @@ pub fn optimizer_step(
         break outcomes;
     };
 
+    // fp32 has no loss scaler to absorb an overflow: a non-finite loss is a diverged run, and
+    // stepping would write NaN into the weights.
+    if !scaler.is_enabled() {
+        if let Some(o) = outcomes.iter().find(|o| !o.loss.is_finite()) {
+            bail!(
+                "the loss became {} (fp32); the step was not taken. Lower --learning-rate, or \
+                 check the data",
+                o.loss
+            );
+        }
+    }
     let vars = opt.trainable_variables();
     if world.size > 1 {
         phases.enter(Phase::Communication);

@@ -31,6 +31,37 @@ pub struct Curves {
     pub val_acc: Vec<(f64, f64)>,
 }
 
+impl Curves {
+    /// The curves of an earlier part of the run, read back from its metrics.jsonl (a resumed
+    /// run draws the whole run). Lines that do not parse are skipped.
+    pub fn from_metrics(path: &Path) -> Self {
+        let mut c = Curves::default();
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let f = |k: &str| v[k].as_f64();
+            match v["kind"].as_str() {
+                Some("train") => {
+                    if let (Some(s), Some(l)) = (f("step"), f("loss")) {
+                        c.loss.push((s, l));
+                    }
+                }
+                Some("val") => {
+                    if let (Some(e), Some(a)) = (f("epoch"), f("acc")) {
+                        // A resumed epoch is validated again: keep its latest value.
+                        c.val_acc.retain(|p| p.0 != e);
+                        c.val_acc.push((e, a));
+                    }
+                }
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
 fn range(points: &[(f64, f64)], pad: f64) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {
