@@ -102,7 +102,10 @@ pub fn run(args: &AllreduceArgs, comm: &dyn Communicator) -> Result<Vec<Row>> {
         }
         print!("{text}");
         if let Some(out) = &args.out {
-            write_outputs(out, &text, &rows)?;
+            let json = serde_json::json!({
+                "backend": comm.name(), "ranks": comm.world().size, "device": args.device, "rows": rows,
+            });
+            write_outputs(out, &text, &json)?;
         }
     }
     Ok(rows)

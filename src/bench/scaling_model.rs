@@ -11,8 +11,10 @@
 //! - `episodes` (an episode per rank): T = s·(D + X + 3H + O) + all-reduce(G), W episodes per T.
 //! - ring collectives (as NCCL): all-reduce(B) = 2(W−1)·α + 2(W−1)/W·B/β,
 //!   all-gather(B) = (W−1)·α + (W−1)/W·B/β, for link latency α and bandwidth β.
-//! - s = 1 when every rank has its own device (GPUs); s = W when the ranks share the cores of
-//!   one machine (this CPU box: W ranks of C/W cores each do the same work W times slower).
+//! - s = 1 when every rank has its own device (GPUs). When the ranks share the C cores of one
+//!   machine (this CPU box), a rank has C/W cores: s = W^(ln G / ln C) for W ≤ C and G·W/C
+//!   beyond, where G is the measured speed of C threads over one (`--thread-gain`; G = C would
+//!   be perfect threading, s = W).
 //! - with overlap, the gradient all-reduce hides behind the backbone backward:
 //!   exposed = max(0, all-reduce(G) − s·(2/3)·X/W) (images) or − s·(2/3)·X (episodes).
 
@@ -44,12 +46,42 @@ pub enum Link {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[value(rename_all = "lower")]
+#[value(rename_all = "kebab-case")]
 pub enum Compute {
     /// Every rank has its own device (GPU clusters).
     PerRank,
     /// Ranks share one machine's cores (the CPU measurements here).
     Shared,
+}
+
+/// How ranks get compute: their own device, or a share of `cores` cores whose threads together
+/// run `gain` times faster than one.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Machine {
+    pub compute: Compute,
+    pub cores: usize,
+    pub gain: f64,
+}
+
+impl Machine {
+    pub fn per_rank() -> Self {
+        Machine {
+            compute: Compute::PerRank,
+            cores: 1,
+            gain: 1.0,
+        }
+    }
+
+    /// How much slower one rank computes at W ranks than the single process does.
+    pub fn slowdown(&self, w: usize) -> f64 {
+        let (wf, c) = (w as f64, self.cores.max(1) as f64);
+        match self.compute {
+            Compute::PerRank => 1.0,
+            Compute::Shared if c <= 1.0 => wf,
+            Compute::Shared if wf <= c => wf.powf(self.gain.ln() / c.ln()),
+            Compute::Shared => self.gain * wf / c,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -59,11 +91,18 @@ pub struct ModelArgs {
     pub from: PathBuf,
     #[arg(long, value_enum, default_value = "measured")]
     pub link: Link,
-    /// A `bench allreduce` JSON for --link measured.
+    /// `bench allreduce` JSON files for --link measured (one per world size measured; a W
+    /// without its own file uses the α-β fit of the largest one).
     #[arg(long)]
-    pub allreduce: Option<PathBuf>,
+    pub allreduce: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "shared")]
     pub compute: Compute,
+    /// With --compute shared: the machine's cores, and how much faster the W = 1 run's threads
+    /// (one per core) are than one thread (`bench step --threads 1` against the default).
+    #[arg(long, default_value_t = 2)]
+    pub cores: usize,
+    #[arg(long)]
+    pub thread_gain: Option<f64>,
     /// Largest W to predict (powers of two).
     #[arg(long, default_value_t = 1024)]
     pub max_ranks: usize,
@@ -102,34 +141,58 @@ pub struct Fit {
     pub embedding_bytes: f64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct LinkParams {
     pub alpha_s: f64,
     pub beta_bytes_per_s: f64,
+    /// Measured all-reduce times (bytes, seconds) at exactly this W, used instead of the ring
+    /// formula: our path's own costs (staging, buckets) at each message size.
+    #[serde(skip)]
+    pub measured: Option<Vec<(f64, f64)>>,
 }
 
-fn all_reduce(l: LinkParams, w: f64, bytes: f64) -> f64 {
-    if w <= 1.0 {
+/// Log-log interpolation of a measured (bytes, seconds) table; linear extrapolation in bytes
+/// past its ends.
+fn interpolate(table: &[(f64, f64)], bytes: f64) -> f64 {
+    let (first, last) = (table[0], table[table.len() - 1]);
+    if bytes <= first.0 {
+        return first.1;
+    }
+    if bytes >= last.0 {
+        return last.1 * bytes / last.0;
+    }
+    let i = table.iter().position(|r| r.0 >= bytes).unwrap_or(table.len() - 1);
+    let (a, b) = (table[i - 1], table[i]);
+    let t = (bytes.ln() - a.0.ln()) / (b.0.ln() - a.0.ln());
+    (a.1.ln() + t * (b.1.ln() - a.1.ln())).exp()
+}
+
+fn all_reduce(l: &LinkParams, w: f64, bytes: f64) -> f64 {
+    if w <= 1.0 || bytes <= 0.0 {
         return 0.0;
+    }
+    if let Some(t) = &l.measured {
+        return interpolate(t, bytes);
     }
     2.0 * (w - 1.0) * l.alpha_s + 2.0 * (w - 1.0) / w * bytes / l.beta_bytes_per_s
 }
 
-fn all_gather(l: LinkParams, w: f64, bytes: f64) -> f64 {
-    if w <= 1.0 {
+/// A ring all-gather moves half the bytes of an all-reduce of the result, in half the steps.
+fn all_gather(l: &LinkParams, w: f64, bytes: f64) -> f64 {
+    if w <= 1.0 || bytes <= 0.0 {
         return 0.0;
+    }
+    if l.measured.is_some() {
+        return all_reduce(l, w, bytes) / 2.0;
     }
     (w - 1.0) * l.alpha_s + (w - 1.0) / w * bytes / l.beta_bytes_per_s
 }
 
 impl Fit {
     /// Predicted seconds per optimizer step on `w` ranks.
-    pub fn step_seconds(&self, w: usize, link: LinkParams, compute: Compute, overlap: bool) -> f64 {
+    pub fn step_seconds(&self, w: usize, link: &LinkParams, m: Machine, overlap: bool) -> f64 {
         let wf = w as f64;
-        let s = match compute {
-            Compute::PerRank => 1.0,
-            Compute::Shared => wf,
-        };
+        let s = m.slowdown(w);
         let head = 3.0 * self.head;
         let grads = all_reduce(link, wf, self.grad_bytes);
         match self.shard {
@@ -164,9 +227,9 @@ impl Fit {
         }
     }
 
-    pub fn efficiency(&self, w: usize, link: LinkParams, compute: Compute, overlap: bool) -> f64 {
-        let t1 = self.step_seconds(1, link, compute, overlap);
-        let tw = self.step_seconds(w, link, compute, overlap);
+    pub fn efficiency(&self, w: usize, link: &LinkParams, m: Machine, overlap: bool) -> f64 {
+        let t1 = self.step_seconds(1, link, m, overlap);
+        let tw = self.step_seconds(w, link, m, overlap);
         (self.episodes(w) / tw) / (w as f64 * self.episodes(1) / t1)
     }
 }
@@ -224,38 +287,58 @@ pub fn fits(r: &ScalingResult, args: &ModelArgs) -> Result<Vec<Fit>> {
 }
 
 pub fn link_params(args: &ModelArgs, w: usize) -> Result<LinkParams> {
+    let preset = |alpha_s, beta_bytes_per_s| LinkParams {
+        alpha_s,
+        beta_bytes_per_s,
+        measured: None,
+    };
     Ok(match args.link {
         Link::Measured => {
-            let path = args
-                .allreduce
-                .as_ref()
-                .context("--link measured needs --allreduce FILE (from `bench allreduce --out`)")?;
-            let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(path)?)?;
-            let get = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(0.0);
-            let (small, large) = (rows.first(), rows.last());
-            let (Some(small), Some(large)) = (small, large) else {
-                bail!("{} holds no rows", path.display());
-            };
-            // busbw of the largest message is β; the smallest message's time is latency-bound.
-            let beta = get(large, "busbw_gbs").max(1e-6) * 1e9;
-            let alpha = get(small, "seconds") / 2.0;
-            LinkParams {
-                alpha_s: alpha,
-                beta_bytes_per_s: beta,
+            if args.allreduce.is_empty() {
+                bail!("--link measured needs --allreduce FILE (from `bench allreduce --out`)");
+            }
+            let mut tables = Vec::new();
+            for path in &args.allreduce {
+                let v: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                )?;
+                let ranks = v["ranks"].as_u64().unwrap_or(0) as usize;
+                let rows: Vec<(f64, f64, f64)> = v["rows"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|r| {
+                                let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+                                (f("bytes"), f("seconds"), f("busbw_gbs"))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if rows.is_empty() {
+                    bail!("{} holds no all-reduce rows", path.display());
+                }
+                tables.push((ranks, rows));
+            }
+            tables.sort_by_key(|t| t.0);
+            if let Some((_, rows)) = tables.iter().find(|t| t.0 == w) {
+                LinkParams {
+                    alpha_s: 0.0,
+                    beta_bytes_per_s: 0.0,
+                    measured: Some(rows.iter().map(|r| (r.0, r.1)).collect()),
+                }
+            } else {
+                // α from the smallest message (latency-bound), β the best bus bandwidth seen.
+                let (ranks, rows) = tables.last().expect("not empty");
+                let steps = 2.0 * (*ranks as f64 - 1.0).max(1.0);
+                preset(
+                    rows[0].1 / steps,
+                    rows.iter().map(|r| r.2).fold(1e-9, f64::max) * 1e9,
+                )
             }
         }
-        Link::Nvlink if w <= 8 => LinkParams {
-            alpha_s: 5e-6,
-            beta_bytes_per_s: 300e9,
-        },
-        Link::Nvlink | Link::Infiniband => LinkParams {
-            alpha_s: 8e-6,
-            beta_bytes_per_s: 45e9,
-        },
-        Link::Ethernet => LinkParams {
-            alpha_s: 30e-6,
-            beta_bytes_per_s: 2.8e9,
-        },
+        Link::Nvlink if w <= 8 => preset(5e-6, 300e9),
+        Link::Nvlink | Link::Infiniband => preset(8e-6, 45e9),
+        Link::Ethernet => preset(30e-6, 2.8e9),
     })
 }
 
@@ -286,6 +369,11 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         &std::fs::read(&args.from).with_context(|| format!("reading {}", args.from.display()))?,
     )?;
     let fits = fits(&r, args)?;
+    let machine = Machine {
+        compute: args.compute,
+        cores: args.cores,
+        gain: args.thread_gain.unwrap_or(args.cores as f64),
+    };
     let mut text = format!(
         "# Scaling model\n\nCommand: `{}`\nFitted to: {} ({}; {})\nLink: {:?}; compute: {:?}\n\n\
          ## Fitted terms (W = 1)\n\n| shard | M | data ms | backbone ms | head ms (fwd) | optimizer ms | images | grad MiB | embedding KiB/image |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -294,7 +382,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         r.machine,
         r.date,
         args.link,
-        args.compute
+        machine
     );
     for f in &fits {
         text += &format!(
@@ -317,7 +405,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
             .find(|f| f.shard == p.shard && f.micro_steps == p.micro_steps)
         {
             let predicted =
-                f.step_seconds(p.ranks, link_params(args, p.ranks)?, args.compute, false);
+                f.step_seconds(p.ranks, &link_params(args, p.ranks)?, machine, false);
             checks.push(Check {
                 shard: p.shard,
                 micro_steps: p.micro_steps,
@@ -347,15 +435,15 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     while w <= args.max_ranks {
         for f in &fits {
             let l = link_params(args, w)?;
-            let t = f.step_seconds(w, l, args.compute, false);
+            let t = f.step_seconds(w, &l, machine, false);
             preds.push(Prediction {
                 shard: f.shard,
                 micro_steps: f.micro_steps,
                 ranks: w,
                 step_s: t,
-                step_s_overlap: f.step_seconds(w, l, args.compute, true),
-                efficiency: f.efficiency(w, l, args.compute, false),
-                efficiency_overlap: f.efficiency(w, l, args.compute, true),
+                step_s_overlap: f.step_seconds(w, &l, machine, true),
+                efficiency: f.efficiency(w, &l, machine, false),
+                efficiency_overlap: f.efficiency(w, &l, machine, true),
                 episodes_per_s: f.episodes(w) / t,
             });
         }
@@ -377,7 +465,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     }
     print!("{text}");
     if let Some(out) = &args.out {
-        let json = serde_json::json!({ "fits": fits, "checks": checks, "predictions": preds, "link": args.link, "compute": args.compute });
+        let json = serde_json::json!({ "fits": fits, "checks": checks, "predictions": preds, "link": args.link, "machine": machine });
         write_outputs(out, &text, &json)?;
         plot(&preds, &out.with_extension("png"))?;
     }
@@ -468,12 +556,32 @@ mod tests {
         let l = LinkParams {
             alpha_s: 0.0,
             beta_bytes_per_s: 1e9,
+            measured: None,
         };
         for shard in [ShardMode::Images, ShardMode::Episodes] {
             let f = fit(shard);
-            assert!((f.efficiency(8, l, Compute::PerRank, false) - 1.0).abs() < 1e-12);
-            assert!((f.efficiency(8, l, Compute::Shared, false) - 0.125).abs() < 1e-12);
+            assert!((f.efficiency(8, &l, Machine::per_rank(), false) - 1.0).abs() < 1e-12);
+            assert!((f.efficiency(8, &l, Machine { compute: Compute::Shared, cores: 1, gain: 1.0 }, false) - 0.125).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn shared_cores_slow_ranks_by_the_thread_gain() {
+        let m = Machine { compute: Compute::Shared, cores: 2, gain: 1.6 };
+        assert!((m.slowdown(1) - 1.0).abs() < 1e-12);
+        assert!((m.slowdown(2) - 1.6).abs() < 1e-12, "each rank has one core: 1.6× slower");
+        assert!((m.slowdown(4) - 3.2).abs() < 1e-12, "and half a core beyond");
+        let perfect = Machine { compute: Compute::Shared, cores: 4, gain: 4.0 };
+        assert!((perfect.slowdown(2) - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn measured_times_are_interpolated_log_log() {
+        let t = [(1e3, 1e-5), (1e6, 1e-3)];
+        assert!((interpolate(&t, 1e3) - 1e-5).abs() < 1e-15);
+        // Halfway in log bytes is halfway in log time: sqrt(1e-5 · 1e-3) = 1e-4.
+        assert!((interpolate(&t, (1e3f64 * 1e6).sqrt()) - 1e-4).abs() < 1e-12);
+        assert!((interpolate(&t, 2e6) - 2e-3).abs() < 1e-12, "linear past the end");
     }
 
     #[test]
@@ -481,13 +589,14 @@ mod tests {
         let l = LinkParams {
             alpha_s: 1e-5,
             beta_bytes_per_s: 1e9,
+            measured: None,
         };
         // 4 ranks, 1 GB: 2·3·10 µs + 2·3/4 s.
-        assert!((all_reduce(l, 4.0, 1e9) - (6e-5 + 1.5)).abs() < 1e-12);
+        assert!((all_reduce(&l, 4.0, 1e9) - (6e-5 + 1.5)).abs() < 1e-12);
         let mut f = fit(ShardMode::Episodes);
         f.grad_bytes = 1e9;
         // Overlap hides up to 2/3 of the backbone time (1 s) behind the 1.5 s all-reduce.
-        let t = f.step_seconds(4, l, Compute::PerRank, true);
+        let t = f.step_seconds(4, &l, Machine::per_rank(), true);
         assert!((t - (1.0 + 1.5 + 6e-5 - 2.0 / 3.0)).abs() < 1e-9);
     }
 }
