@@ -520,3 +520,55 @@ fn a_multi_rank_run_stopped_by_sigterm_and_resumed_ends_bit_identical() {
         &dir.path().join("whole.rank1.safetensors"),
     );
 }
+
+#[test]
+fn an_out_of_memory_on_some_ranks_makes_every_rank_retry_with_more_micro_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    // 2 ranks × 8 or 7 images of 4800 bytes: above 20000 bytes fails, so both ranks go to
+    // M = 2 (chunks of 4 and 3-4 images) together, as if started there.
+    let dynamic = dir.path().join("dynamic.safetensors");
+    let out = mpirun(
+        2,
+        &train_args(
+            &ds,
+            &dir.path().join("d"),
+            &[
+                "--max-steps",
+                "2",
+                "--gradient-accumulation-steps",
+                "dynamic",
+                "--simulate-oom-above-bytes",
+                "20000",
+                "--dump-params",
+                dynamic.to_str().unwrap(),
+            ],
+        ),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("rank{r=0}: out of memory with 1 micro-steps"),
+        "{log}"
+    );
+    assert!(
+        log.contains("rank{r=1}: out of memory with 1 micro-steps"),
+        "{log}"
+    );
+    let fixed = dir.path().join("fixed.safetensors");
+    mpirun(
+        2,
+        &train_args(
+            &ds,
+            &dir.path().join("f"),
+            &[
+                "--max-steps",
+                "2",
+                "--gradient-accumulation-steps",
+                "2",
+                "--dump-params",
+                fixed.to_str().unwrap(),
+            ],
+        ),
+    );
+    assert_bit_identical(&dynamic, &fixed);
+}

@@ -486,3 +486,58 @@ fn a_full_disk_fails_cleanly_and_keeps_the_older_checkpoints() {
     );
     no_partial_files(&b);
 }
+
+// ---------- out of memory ----------
+
+#[test]
+fn a_simulated_out_of_memory_doubles_the_micro_steps_and_ends_as_if_started_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    // 15 images of 3×20×20 f32 = 4800 bytes each: chunks above 20000 bytes (5+ images) fail,
+    // so dynamic goes 1 → 2 → 4 micro-steps on the first step and keeps 4.
+    let dynamic = dir.path().join("dynamic.safetensors");
+    let out = ok(run(&args(
+        &ds,
+        &dir.path().join("d"),
+        &[
+            "--max-steps",
+            "3",
+            "--gradient-accumulation-steps",
+            "dynamic",
+            "--simulate-oom-above-bytes",
+            "20000",
+            "--dump-params",
+            dynamic.to_str().unwrap(),
+        ],
+    )));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("out of memory with 1 micro-steps"), "{log}");
+    assert!(log.contains("out of memory with 2 micro-steps"), "{log}");
+    assert!(!log.contains("out of memory with 4 micro-steps"), "{log}");
+    let fixed = dir.path().join("fixed.safetensors");
+    ok(run(&args(
+        &ds,
+        &dir.path().join("f"),
+        &[
+            "--max-steps",
+            "3",
+            "--gradient-accumulation-steps",
+            "4",
+            "--dump-params",
+            fixed.to_str().unwrap(),
+        ],
+    )));
+    assert_identical(&dynamic, &fixed);
+}
+
+#[test]
+fn out_of_memory_without_dynamic_names_the_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    let out = run(&args(
+        &ds,
+        &dir.path().join("o"),
+        &["--simulate-oom-above-bytes", "20000"],
+    ));
+    fails_with(&out, "--gradient-accumulation-steps dynamic");
+}
