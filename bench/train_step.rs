@@ -98,16 +98,6 @@ fn pytorch(
     Ok((times, v["torch"].as_str().unwrap_or("?").to_string()))
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn main() {
     let quick = std::env::var("FSCT_BENCH_QUICK").is_ok();
     let python = std::env::var("FSCT_TORCH_PYTHON").unwrap_or_else(|_| {
@@ -147,11 +137,11 @@ fn main() {
             }
         }
         let (ma, mb) = (
-            median(&mut a),
+            fsct_dist::bench::measure::median(a.iter().copied()),
             if b.is_empty() {
                 f64::NAN
             } else {
-                median(&mut b)
+                fsct_dist::bench::measure::median(b.iter().copied())
             },
         );
         let row = format!(

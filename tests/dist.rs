@@ -14,72 +14,11 @@ use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fsct-dist");
+mod common;
+use common::{assert_bit_identical, synth_dataset as dataset, train_args, BIN};
 
 fn launcher() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("launch/mpirun.sh")
-}
-
-/// A small built-in dataset (6 base, 5 val, 5 novel classes of 12 images).
-fn dataset(dir: &Path) -> PathBuf {
-    let ds = dir.join("ds");
-    let out = Command::new(BIN)
-        .args([
-            "data",
-            "synth",
-            "--classes",
-            "6,5,5",
-            "--images-per-class",
-            "12",
-        ])
-        .args(["--size", "24", "--out"])
-        .arg(&ds)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ds
-}
-
-/// Train flags of a tiny run: 3-way 2-shot 3-query (15 images), 20 px, one rank thread.
-fn train_args(ds: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "train",
-        "--image-size",
-        "20",
-        "--n-way",
-        "3",
-        "--k-shot",
-        "2",
-        "--n-query",
-        "3",
-        "--epochs",
-        "1",
-        "--episodes-per-epoch",
-        "4",
-        "--val-episodes",
-        "4",
-        "--test-iter",
-        "6",
-        "--workers",
-        "1",
-        "--threads",
-        "1",
-        "--log-format",
-        "text",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push("--dataset".into());
-    v.push(ds.to_string_lossy().into_owned());
-    v.push("--output".into());
-    v.push(out.to_string_lossy().into_owned());
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
 }
 
 fn run_single(args: &[String]) -> Output {
@@ -436,19 +375,6 @@ fn an_error_on_one_rank_ends_the_job_with_that_ranks_message() {
         "names the file: {err}"
     );
     assert!(took < Duration::from_secs(45), "ended after {took:?}");
-}
-
-fn read_sorted(path: &Path) -> Vec<(String, Tensor)> {
-    let mut v = Tensor::read_safetensors(path).unwrap();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn assert_bit_identical(a: &Path, b: &Path) {
-    for ((na, ta), (nb, tb)) in read_sorted(a).iter().zip(&read_sorted(b)) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "{na} differs");
-    }
 }
 
 #[test]

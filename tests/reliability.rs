@@ -6,63 +6,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tch::Tensor;
+mod common;
+use common::{assert_bit_identical as assert_identical, synth_dataset as dataset, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fsct-dist");
-const EXIT_PREEMPTED: i32 = 3;
-
-fn dataset(dir: &Path) -> PathBuf {
-    let ds = dir.join("ds");
-    let out = Command::new(BIN)
-        .args([
-            "data",
-            "synth",
-            "--classes",
-            "6,5,5",
-            "--images-per-class",
-            "12",
-        ])
-        .args(["--size", "24", "--out"])
-        .arg(&ds)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    ds
-}
-
-/// A tiny run: 3-way 2-shot 3-query, 20 px, 4 episodes per epoch.
+/// A tiny run (tests/common) of up to 10 epochs of 4 steps: long enough to stop mid-run.
 fn args(ds: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "train",
-        "--image-size",
-        "20",
-        "--n-way",
-        "3",
-        "--k-shot",
-        "2",
-        "--n-query",
-        "3",
-        "--epochs",
-        "10",
-        "--episodes-per-epoch",
-        "4",
-        "--val-episodes",
-        "3",
-        "--test-iter",
-        "4",
-        "--workers",
-        "1",
-        "--threads",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(["--dataset".into(), ds.to_string_lossy().into_owned()]);
-    v.extend(["--output".into(), out.to_string_lossy().into_owned()]);
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    common::train_args(
+        ds,
+        out,
+        &[&["--epochs", "10", "--test-iter", "4"], extra].concat(),
+    )
 }
+const EXIT_PREEMPTED: i32 = 3;
 
 fn run(args: &[String]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
@@ -105,21 +60,6 @@ fn no_partial_files(dir: &Path) {
         if e.path().is_dir() {
             no_partial_files(&e.path());
         }
-    }
-}
-
-fn params(path: &Path) -> Vec<(String, Tensor)> {
-    let mut v = Tensor::read_safetensors(path).unwrap();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn assert_identical(a: &Path, b: &Path) {
-    let (pa, pb) = (params(a), params(b));
-    assert_eq!(pa.len(), pb.len());
-    for ((na, ta), (nb, tb)) in pa.iter().zip(&pb) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "{na} differs");
     }
 }
 

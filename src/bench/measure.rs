@@ -12,7 +12,7 @@ use crate::dist::Communicator;
 use crate::memory::{MemoryProfiler, Meter, Phase, PhaseSink, StepMemory};
 use crate::train::amp::{AmpMode, GradScaler};
 use crate::train::optimizer_step::{optimizer_step, reload_episode, StepPlan};
-use crate::train::{build_on, dataset_root, loader_config, open_split, Built};
+use crate::train::{build_on, dataset_root_on, loader_config, open_split, Built};
 
 /// Per-step numbers of one measured setting (steps after the warm-up).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,30 +89,15 @@ pub fn measure_steps(
     let c = &r.config;
     let world = comm.world();
     let device = world.device_for(r.device);
-    let root = if world.is_root() {
-        dataset_root(r)
-    } else {
-        Ok(r.dataset.path().clone())
-    };
-    comm.barrier()?;
-    let root = root?;
+    let root = dataset_root_on(r, comm)?;
     let Built { vs, model, shape } = build_on(r, device)?;
     let base = open_split(&root, Split::Base, shape)?;
     let mut opt = crate::train::optim::build(&c.train, &vs)?;
-    let amp = c.train.amp.unwrap_or(AmpMode::Off);
     let mut plan = StepPlan {
-        comm,
-        shard: c.train.shard,
-        device,
-        amp,
-        micro_steps: r.micro_steps as i64,
         dynamic: false,
-        checkpoint: c.train.checkpoint_activations,
-        episode_scale: 1.0 / c.train.episodes_per_step as f64,
-        oom_above_bytes: None,
-        total_images: shape.total() as i64,
-        empty_cache_every: c.train.empty_cache_every,
+        ..StepPlan::for_run(r, comm, device, shape.total() as i64)
     };
+    let amp = plan.amp;
     let k = c.train.episodes_per_step;
     let per_step = match plan.shard {
         ShardMode::Images => k,

@@ -161,7 +161,10 @@ fn interpolate(table: &[(f64, f64)], bytes: f64) -> f64 {
     if bytes >= last.0 {
         return last.1 * bytes / last.0;
     }
-    let i = table.iter().position(|r| r.0 >= bytes).unwrap_or(table.len() - 1);
+    let i = table
+        .iter()
+        .position(|r| r.0 >= bytes)
+        .unwrap_or(table.len() - 1);
     let (a, b) = (table[i - 1], table[i]);
     let t = (bytes.ln() - a.0.ln()) / (b.0.ln() - a.0.ln());
     (a.1.ln() + t * (b.1.ln() - a.1.ln())).exp()
@@ -404,8 +407,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
             .iter()
             .find(|f| f.shard == p.shard && f.micro_steps == p.micro_steps)
         {
-            let predicted =
-                f.step_seconds(p.ranks, &link_params(args, p.ranks)?, machine, false);
+            let predicted = f.step_seconds(p.ranks, &link_params(args, p.ranks)?, machine, false);
             checks.push(Check {
                 shard: p.shard,
                 micro_steps: p.micro_steps,
@@ -561,17 +563,44 @@ mod tests {
         for shard in [ShardMode::Images, ShardMode::Episodes] {
             let f = fit(shard);
             assert!((f.efficiency(8, &l, Machine::per_rank(), false) - 1.0).abs() < 1e-12);
-            assert!((f.efficiency(8, &l, Machine { compute: Compute::Shared, cores: 1, gain: 1.0 }, false) - 0.125).abs() < 1e-12);
+            assert!(
+                (f.efficiency(
+                    8,
+                    &l,
+                    Machine {
+                        compute: Compute::Shared,
+                        cores: 1,
+                        gain: 1.0
+                    },
+                    false
+                ) - 0.125)
+                    .abs()
+                    < 1e-12
+            );
         }
     }
 
     #[test]
     fn shared_cores_slow_ranks_by_the_thread_gain() {
-        let m = Machine { compute: Compute::Shared, cores: 2, gain: 1.6 };
+        let m = Machine {
+            compute: Compute::Shared,
+            cores: 2,
+            gain: 1.6,
+        };
         assert!((m.slowdown(1) - 1.0).abs() < 1e-12);
-        assert!((m.slowdown(2) - 1.6).abs() < 1e-12, "each rank has one core: 1.6× slower");
-        assert!((m.slowdown(4) - 3.2).abs() < 1e-12, "and half a core beyond");
-        let perfect = Machine { compute: Compute::Shared, cores: 4, gain: 4.0 };
+        assert!(
+            (m.slowdown(2) - 1.6).abs() < 1e-12,
+            "each rank has one core: 1.6× slower"
+        );
+        assert!(
+            (m.slowdown(4) - 3.2).abs() < 1e-12,
+            "and half a core beyond"
+        );
+        let perfect = Machine {
+            compute: Compute::Shared,
+            cores: 4,
+            gain: 4.0,
+        };
         assert!((perfect.slowdown(2) - 2.0).abs() < 1e-12);
     }
 
@@ -581,7 +610,10 @@ mod tests {
         assert!((interpolate(&t, 1e3) - 1e-5).abs() < 1e-15);
         // Halfway in log bytes is halfway in log time: sqrt(1e-5 · 1e-3) = 1e-4.
         assert!((interpolate(&t, (1e3f64 * 1e6).sqrt()) - 1e-4).abs() < 1e-12);
-        assert!((interpolate(&t, 2e6) - 2e-3).abs() < 1e-12, "linear past the end");
+        assert!(
+            (interpolate(&t, 2e6) - 2e-3).abs() < 1e-12,
+            "linear past the end"
+        );
     }
 
     #[test]

@@ -87,6 +87,18 @@ impl Host {
     }
 }
 
+/// Where each rank's part starts in a gathered buffer: the prefix sums of `counts`.
+fn displacements(counts: &[i32]) -> Vec<i32> {
+    counts
+        .iter()
+        .scan(0, |acc, &c| {
+            let d = *acc;
+            *acc += c;
+            Some(d)
+        })
+        .collect()
+}
+
 /// The flat concatenation of `tensors` (all of one kind).
 fn flat_cat(tensors: &[&Tensor]) -> Tensor {
     let parts: Vec<Tensor> = tensors.iter().map(|t| t.flatten(0, -1)).collect();
@@ -140,14 +152,7 @@ impl Communicator for MpiComm {
         let size = local.size();
         let row: i64 = size[1..].iter().product();
         let counts: Vec<i32> = rows.iter().map(|&r| (r * row) as i32).collect();
-        let displs: Vec<i32> = counts
-            .iter()
-            .scan(0, |acc, &c| {
-                let d = *acc;
-                *acc += c;
-                Some(d)
-            })
-            .collect();
+        let displs = displacements(&counts);
         let total: usize = counts.iter().map(|&c| c as usize).sum();
         let send = Host::from(local)?;
         let mut recv = send.zeros_like(total);
@@ -201,14 +206,7 @@ impl Communicator for MpiComm {
         let mut counts = vec![0i32; n];
         self.world_comm
             .all_gather_into(&(values.len() as i32), &mut counts[..]);
-        let displs: Vec<i32> = counts
-            .iter()
-            .scan(0, |acc, &c| {
-                let d = *acc;
-                *acc += c;
-                Some(d)
-            })
-            .collect();
+        let displs = displacements(&counts);
         let mut out = vec![0.0; counts.iter().map(|&c| c as usize).sum()];
         {
             let mut part = PartitionMut::new(&mut out[..], &counts[..], &displs[..]);

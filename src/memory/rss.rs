@@ -7,17 +7,19 @@ use std::fs;
 /// (current, peak) resident bytes, or None where /proc is not available.
 pub fn rss_bytes() -> Option<(u64, u64)> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| -> Option<u64> {
-        let line = status.lines().find(|l| l.starts_with(name))?;
-        let kb: u64 = line[name.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    Some((kb_field(&status, "VmRSS:")?, kb_field(&status, "VmHWM:")?))
+}
+
+/// The bytes of a `Name:   123 kB` line of a /proc file.
+fn kb_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let kb: u64 = line[name.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// Resets the peak to the current resident size; false where the kernel does not allow it.
@@ -28,15 +30,7 @@ pub fn reset_peak() -> bool {
 /// MemAvailable from /proc/meminfo: what the kernel estimates can be allocated without
 /// swapping.
 pub fn mem_available() -> Option<u64> {
-    let info = fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line["MemAvailable:".len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    kb_field(&fs::read_to_string("/proc/meminfo").ok()?, "MemAvailable:")
 }
 
 /// Tests that reset the process-wide peak take this lock, so they do not reset each other's.

@@ -178,6 +178,17 @@ pub fn dataset_root(r: &Resolved) -> Result<PathBuf> {
     }
 }
 
+/// [`dataset_root`] for every rank: rank 0 creates the built-in dataset, the others wait.
+pub fn dataset_root_on(r: &Resolved, comm: &dyn Communicator) -> Result<PathBuf> {
+    let root = if comm.world().is_root() {
+        dataset_root(r)
+    } else {
+        Ok(r.dataset.path().clone())
+    };
+    comm.barrier()?;
+    root
+}
+
 pub fn loader_config(r: &Resolved, augment: bool) -> LoaderConfig {
     LoaderConfig {
         workers: r.workers,
@@ -222,14 +233,7 @@ pub fn train(
             c.to_toml()
         );
     }
-    // Rank 0 creates the built-in dataset; the others wait for it.
-    let root = if root_rank {
-        dataset_root(r)
-    } else {
-        Ok(r.dataset.path().clone())
-    };
-    comm.barrier()?;
-    let root = root?;
+    let root = dataset_root_on(r, comm)?;
     let Built { vs, model, shape } = build_on(r, device)?;
     if world.size > 1 {
         // Identical initial weights and buffers everywhere, whatever each rank drew.
@@ -279,17 +283,8 @@ pub fn train(
 
     let amp = c.train.amp.unwrap_or(AmpMode::Off);
     let mut plan = StepPlan {
-        comm,
-        shard: c.train.shard,
-        device,
-        amp,
-        micro_steps: r.micro_steps as i64,
-        dynamic: r.dynamic_micro_steps,
-        checkpoint: c.train.checkpoint_activations,
-        episode_scale: 1.0 / c.train.episodes_per_step as f64,
         oom_above_bytes: dumps.simulate_oom_above_bytes,
-        total_images: shape.total() as i64,
-        empty_cache_every: c.train.empty_cache_every,
+        ..StepPlan::for_run(r, comm, device, shape.total() as i64)
     };
     if let Some(state) = &resumed {
         plan.micro_steps = state.micro_steps;

@@ -36,7 +36,30 @@ pub struct StepPlan<'a> {
     pub empty_cache_every: u64,
 }
 
-impl StepPlan<'_> {
+impl<'a> StepPlan<'a> {
+    /// The plan of run `r` on `device` for episodes of `total_images` images.
+    pub fn for_run(
+        r: &crate::config::Resolved,
+        comm: &'a dyn Communicator,
+        device: Device,
+        total_images: i64,
+    ) -> Self {
+        let c = &r.config;
+        StepPlan {
+            comm,
+            shard: c.train.shard,
+            device,
+            amp: c.train.amp.unwrap_or(AmpMode::Off),
+            micro_steps: r.micro_steps as i64,
+            dynamic: r.dynamic_micro_steps,
+            checkpoint: c.train.checkpoint_activations,
+            episode_scale: 1.0 / c.train.episodes_per_step as f64,
+            oom_above_bytes: None,
+            total_images,
+            empty_cache_every: c.train.empty_cache_every,
+        }
+    }
+
     /// The flat image positions this rank loads from each episode (None: all of them).
     pub fn slice(&self) -> Option<(usize, usize)> {
         let w = self.comm.world();

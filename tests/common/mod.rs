@@ -1,6 +1,66 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test binary uses some of them).
+#![allow(dead_code)]
 
-use tch::{nn, Kind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tch::{nn, Kind, Tensor};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_fsct-dist");
+
+/// A small built-in dataset under `dir` (6 base, 5 val, 5 novel classes of 12 images, 24 px).
+pub fn synth_dataset(dir: &Path) -> PathBuf {
+    let ds = dir.join("ds");
+    let out = Command::new(BIN)
+        .args([
+            "data",
+            "synth",
+            "--classes",
+            "6,5,5",
+            "--images-per-class",
+            "12",
+        ])
+        .args(["--size", "24", "--out"])
+        .arg(&ds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ds
+}
+
+/// `fsct-dist train` arguments of a tiny run on `ds` into `out`: 3-way 2-shot 3-query (15
+/// images), 20 px, one epoch of 4 episodes, 4 validation and 6 test episodes, one thread.
+/// `extra` comes last, so its flags override these.
+pub fn train_args(ds: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let fixed = "train --image-size 20 --n-way 3 --k-shot 2 --n-query 3 --epochs 1 \
+                 --episodes-per-epoch 4 --val-episodes 4 --test-iter 6 --workers 1 --threads 1 \
+                 --log-format text";
+    let mut v: Vec<String> = fixed.split_whitespace().map(str::to_owned).collect();
+    v.extend(["--dataset".into(), ds.to_string_lossy().into_owned()]);
+    v.extend(["--output".into(), out.to_string_lossy().into_owned()]);
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Asserts two safetensors files hold the same tensors, bit for bit.
+pub fn assert_bit_identical(a: &Path, b: &Path) {
+    let sorted = |p: &Path| {
+        let mut v = Tensor::read_safetensors(p).unwrap();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    let (ta, tb) = (sorted(a), sorted(b));
+    assert_eq!(ta.len(), tb.len(), "{} vs {}", a.display(), b.display());
+    for ((na, xa), (nb, xb)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert!(xa.equal(xb), "{na} differs");
+    }
+}
 
 /// The worst per-tensor gradient error between two twin stores, with its name:
 /// ‖a − b‖ / max(‖b‖, 1e-3·G), G the norm of all of `b`'s gradients (architecture.md: a conv
