@@ -498,3 +498,22 @@ fn an_out_of_memory_on_some_ranks_makes_every_rank_retry_with_more_micro_steps()
     );
     assert_bit_identical(&dynamic, &fixed);
 }
+
+#[test]
+fn nccl_asked_for_without_a_gpu_ends_every_rank_with_a_message() {
+    if tch::Cuda::is_available() {
+        return; // the message is for machines without CUDA
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    let (child, _) = long_run(dir.path(), &ds, &["--comm", "nccl"]);
+    let (out, took) = wait_with_limit(child, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("error on rank") && err.contains("--comm mpi"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(took < Duration::from_secs(30), "ended after {took:?}");
+}

@@ -223,7 +223,7 @@ pub fn init(kind: CommKind, device: Device) -> Result<Box<dyn Communicator>> {
     let mpi = mpi::MpiComm::init()?;
     let world = mpi.world();
     if let Some(n) = launcher_world_size() {
-        if n != world.size {
+        if n != world.size && world.size == 1 {
             bail!(
                 "the launcher started {n} ranks but MPI reports a world of {}: this binary was \
                  built against a different MPI than the `mpirun` that launched it. Use the \
@@ -240,7 +240,15 @@ pub fn init(kind: CommKind, device: Device) -> Result<Box<dyn Communicator>> {
     };
     if use_nccl {
         let dev = world.device_for(device);
-        return Ok(Box::new(nccl::NcclComm::new(mpi, dev)?));
+        // MPI is up: a rank that cannot join NCCL must end the job, not leave the others
+        // waiting for it in the id broadcast or the communicator's set-up.
+        return match nccl::NcclComm::new(mpi, dev) {
+            Ok(c) => Ok(Box::new(c)),
+            Err(e) => {
+                eprintln!("error on rank {} of {}: {e:#}", world.rank, world.size);
+                mpi::abort_world(1)
+            }
+        };
     }
     Ok(Box::new(mpi))
 }
@@ -252,10 +260,7 @@ pub fn abort_on_panic(rank: usize) {
     std::panic::set_hook(Box::new(move |info| {
         eprintln!("rank {rank} panicked; ending the job");
         default(info);
-        // SAFETY: MPI is initialised (a multi-rank world exists); MPI_Abort does not return.
-        unsafe {
-            ::mpi::ffi::MPI_Abort(::mpi::ffi::RSMPI_COMM_WORLD, 101);
-        }
+        mpi::abort_world(101);
     }));
 }
 

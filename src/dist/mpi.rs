@@ -53,6 +53,16 @@ impl MpiComm {
     }
 }
 
+/// Ends the whole job now (MPI_Abort on the world). Only call while MPI is initialised.
+pub fn abort_world(code: i32) -> ! {
+    // SAFETY: MPI is initialised (the caller holds or held an MpiComm); MPI_Abort does not
+    // return, the exit below is never reached.
+    unsafe {
+        ::mpi::ffi::MPI_Abort(::mpi::ffi::RSMPI_COMM_WORLD, code);
+    }
+    std::process::exit(code)
+}
+
 /// A tensor's values on the host, in the precision MPI carries them.
 enum Host {
     F32(Vec<f32>),

@@ -91,6 +91,30 @@ impl NcclComm {
     }
 
     fn create(mpi: Option<MpiComm>, world: World, device: Device) -> Result<Self> {
+        match Self::connect(mpi.as_ref(), world, device) {
+            Ok((lib, comm)) => Ok(Self {
+                lib,
+                comm,
+                world,
+                device,
+                mpi,
+                sent: ByteCounter::default(),
+            }),
+            Err(e) => {
+                // Keep MPI initialised (no MPI_Finalize from the drop): the caller ends the job
+                // with MPI_Abort, which needs it, instead of leaving the other ranks waiting.
+                std::mem::forget(mpi);
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens libnccl and joins the communicator: (library, ncclComm_t).
+    fn connect(
+        mpi: Option<&MpiComm>,
+        world: World,
+        device: Device,
+    ) -> Result<(Library, NcclComm_)> {
         let Device::Cuda(index) = device else {
             bail!("--comm nccl needs a CUDA device (--device cuda), not {device:?}; use --comm mpi on CPU");
         };
@@ -106,7 +130,7 @@ impl NcclComm {
                 unsafe { lib.get(b"ncclGetUniqueId\0")? };
             check(&lib, unsafe { get_id(&mut id) }, "ncclGetUniqueId")?;
         }
-        if let Some(m) = &mpi {
+        if let Some(m) = mpi {
             // SAFETY: UniqueId is 128 plain bytes.
             let bytes = unsafe {
                 std::slice::from_raw_parts_mut(id.internal.as_mut_ptr().cast::<u8>(), 128)
@@ -123,14 +147,7 @@ impl NcclComm {
             unsafe { init(&mut comm, world.size as c_int, id, world.rank as c_int) },
             "ncclCommInitRank",
         )?;
-        Ok(Self {
-            lib,
-            comm,
-            world,
-            device,
-            mpi,
-            sent: ByteCounter::default(),
-        })
+        Ok((lib, comm))
     }
 
     fn on_device(&self, t: &Tensor) -> Result<()> {
