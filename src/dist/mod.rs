@@ -186,6 +186,23 @@ impl ByteCounter {
     }
 }
 
+/// The flat concatenation of `tensors` (all of one kind).
+pub(crate) fn flat_cat(tensors: &[&Tensor]) -> Tensor {
+    let parts: Vec<Tensor> = tensors.iter().map(|t| t.flatten(0, -1)).collect();
+    Tensor::cat(&parts, 0)
+}
+
+/// Copies consecutive pieces of `flat` back into `tensors`.
+pub(crate) fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.numel() as i64;
+        let mut dst = t.shallow_clone();
+        tch::no_grad(|| dst.copy_(&flat.narrow(0, offset, n).view_as(t)));
+        offset += n;
+    }
+}
+
 /// Groups tensors of the same kind into buckets of about `bytes` (a tensor larger than a
 /// bucket is a bucket alone), keeping their order: what to flatten into one message.
 pub fn buckets(tensors: &[Tensor], bytes: usize) -> Vec<Vec<usize>> {

@@ -12,7 +12,9 @@ use mpi::traits::*;
 use mpi::topology::Communicator as _;
 use tch::{Device, Kind, Tensor};
 
-use super::{buckets, check_float, ByteCounter, Communicator, World, BUCKET_BYTES};
+use super::{
+    buckets, check_float, flat_cat, scatter_back, ByteCounter, Communicator, World, BUCKET_BYTES,
+};
 
 pub struct MpiComm {
     // Field order: the communicators are freed before the universe finalizes MPI.
@@ -107,23 +109,6 @@ fn displacements(counts: &[i32]) -> Vec<i32> {
             Some(d)
         })
         .collect()
-}
-
-/// The flat concatenation of `tensors` (all of one kind).
-fn flat_cat(tensors: &[&Tensor]) -> Tensor {
-    let parts: Vec<Tensor> = tensors.iter().map(|t| t.flatten(0, -1)).collect();
-    Tensor::cat(&parts, 0)
-}
-
-/// Copies consecutive pieces of `flat` back into `tensors`.
-fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
-    let mut offset = 0;
-    for t in tensors {
-        let n = t.numel() as i64;
-        let mut dst = t.shallow_clone();
-        tch::no_grad(|| dst.copy_(&flat.narrow(0, offset, n).view_as(t)));
-        offset += n;
-    }
 }
 
 impl Communicator for MpiComm {

@@ -13,7 +13,7 @@ use libloading::{Library, Symbol};
 use tch::{Device, Kind, Tensor};
 
 use super::mpi::MpiComm;
-use super::{buckets, ByteCounter, Communicator, World, BUCKET_BYTES};
+use super::{buckets, flat_cat, scatter_back, ByteCounter, Communicator, World, BUCKET_BYTES};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -225,17 +225,11 @@ impl Communicator for NcclComm {
 
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
         for bucket in buckets(tensors, BUCKET_BYTES) {
-            let parts: Vec<Tensor> = bucket.iter().map(|&i| tensors[i].flatten(0, -1)).collect();
-            let flat = Tensor::cat(&parts, 0);
+            let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
+            let flat = flat_cat(&group);
             self.all_reduce_flat(&flat)?;
             self.sent.add(&[&flat]);
-            let mut offset = 0;
-            for &i in &bucket {
-                let n = tensors[i].numel() as i64;
-                let mut dst = tensors[i].shallow_clone();
-                tch::no_grad(|| dst.copy_(&flat.narrow(0, offset, n).view_as(&tensors[i])));
-                offset += n;
-            }
+            scatter_back(&flat, &group);
         }
         Ok(())
     }
