@@ -73,7 +73,12 @@ pub enum DataCommand {
         seed: u64,
     },
     /// Validate a dataset folder (every split, every image) and print a summary.
-    Check { dir: PathBuf },
+    Check {
+        dir: PathBuf,
+        /// The input size images will be resized to (the resize limit depends on it).
+        #[arg(long, default_value_t = crate::data::CHECK_IMAGE_SIZE)]
+        image_size: u32,
+    },
 }
 
 /// Every run option. `None` means "as the config file (or the default) says".
@@ -171,6 +176,10 @@ pub struct RunArgs {
     /// the run's own config, with the flags given here laid over it (e.g. a larger --max-steps).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start a fresh run in an --output folder that already holds files: they are moved aside
+    /// whole to OUTPUT.old-DATE-TIME (nothing is deleted). Without it such a folder is refused.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Write a resumable checkpoint every N optimizer steps (0 = at epoch ends only).
     #[arg(long = "checkpoint-every", alias = "checkpoint_every")]
     pub checkpoint_every: Option<u64>,

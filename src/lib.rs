@@ -9,6 +9,8 @@ pub mod ffi;
 pub mod logging;
 pub mod memory;
 pub mod model;
+pub mod oom;
+pub mod regular_file;
 pub mod train;
 
 use std::process::ExitCode;
@@ -25,6 +27,7 @@ pub const EXIT_PREEMPTED: u8 = 3;
 
 /// Runs one command; every user error comes back as a message that names the fix.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    oom::install_quiet_hook();
     match cli.command {
         Command::Train(args) => {
             let (config, resume) = match &args.resume {
@@ -32,10 +35,25 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => (args.to_config()?, None),
             };
             let resolved = config.resolve()?;
+            // Under a launcher the world size is known before MPI starts: refuse now what
+            // would fail on the ranks.
+            resolved
+                .config
+                .check_world(dist::launcher_world_size().unwrap_or(1))?;
             if args.dry_run {
                 print!("{}", resolved.config.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
+            anyhow::ensure!(
+                !(args.overwrite && resume.is_some()),
+                "--overwrite starts a new run and --resume continues one; pass only one of them"
+            );
+            let start = match &resume {
+                Some(ckpt) => train::Start::Resume(ckpt),
+                None => train::Start::Fresh {
+                    overwrite: args.overwrite,
+                },
+            };
             let dumps = train::Dumps {
                 params: args.dump_params.clone(),
                 grads: args.dump_grads.clone(),
@@ -43,7 +61,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut preempted = None;
             on_every_rank(&resolved, |comm| {
-                let summary = train::train(&resolved, &dumps, comm, resume.as_deref())?;
+                let summary = train::train(&resolved, &dumps, comm, start)?;
                 preempted = summary.preempted;
                 Ok(())
             })?;
@@ -85,8 +103,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(b) => bench_run(&b).map(|()| ExitCode::SUCCESS),
-        Command::Data(DataCommand::Check { dir }) => {
-            let report = data::check_dataset(&dir)?;
+        Command::Data(DataCommand::Check { dir, image_size }) => {
+            let report = data::check_dataset(&dir, image_size)?;
             print!("{report}");
             Ok(if report.is_ok() {
                 ExitCode::SUCCESS
@@ -111,11 +129,22 @@ fn resume_config(
     let state = train::checkpoint::read_state(&ckpt)?;
     let mut c = state.config;
     args.apply(&mut c);
-    // The run folder: RUN for RUN/checkpoints/step-N.
-    c.run.output = ckpt
+    // The run folder: RUN for RUN/checkpoints/step-N. A resumed run continues in place.
+    let run = ckpt
         .parent()
         .and_then(std::path::Path::parent)
         .map_or_else(|| path.to_path_buf(), std::path::Path::to_path_buf);
+    if let Some(other) = &args.output {
+        let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+        anyhow::ensure!(
+            same(other).is_some() && same(other) == same(&run),
+            "--resume continues the run in its own folder {}, but --output names {}; drop \
+             --output (or pass the same folder), or copy the run folder first and resume the copy",
+            run.display(),
+            other.display()
+        );
+    }
+    c.run.output = run;
     Ok((c, Some(ckpt)))
 }
 
@@ -196,6 +225,12 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("{} does not fit this model: {e}", weights.display()))?;
     }
     on_every_rank(&resolved, |comm| {
+        // test.json is written into the run folder: not while a training run writes there.
+        let _lock = comm
+            .world()
+            .is_root()
+            .then(|| train::run_folder::lock(&resolved.config.run.output))
+            .transpose()?;
         let device = comm.world().device_for(resolved.device);
         built.vs.set_device(device);
         train::test_split(&resolved, &built.model, &root, built.shape, device, comm).map(|_| ())

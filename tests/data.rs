@@ -92,6 +92,70 @@ fn json_lists_open_with_labels_sorted_and_relative_paths_resolved() {
 }
 
 #[test]
+fn split_files_with_a_utf8_byte_order_mark_open_like_those_without() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::write(
+        root.join("train.csv"),
+        "\u{feff}filename,label\nn01_1.jpg,n01\nn02_1.jpg,n02\n",
+    )
+    .unwrap();
+    write_png(&root.join("images/n01_1.jpg"), 4, 4, 0);
+    write_png(&root.join("images/n02_1.jpg"), 4, 4, 0);
+    let split = open_split(root, Split::Base).unwrap();
+    assert_eq!(names(&split), ["n01", "n02"]);
+    std::fs::write(
+        root.join("val.json"),
+        "\u{feff}{\"label_names\": [\"a\"], \"image_names\": [\"images/n01_1.jpg\"], \"image_labels\": [0]}",
+    )
+    .unwrap();
+    let split = open_split(root, Split::Val).unwrap();
+    assert_eq!(counts(&split), [1]);
+}
+
+#[test]
+fn a_split_listing_one_image_twice_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write_png(&root.join("images/a.png"), 4, 4, 0);
+    write_png(&root.join("images/b.png"), 4, 4, 0);
+    for (names, needle) in [
+        (
+            r#"["images/a.png", "images/./a.png", "images/b.png"]"#,
+            "twice in class",
+        ),
+        (
+            r#"["images/a.png", "images/b.png", "images/a.png"]"#,
+            "in classes",
+        ),
+    ] {
+        let labels = if needle == "twice in class" {
+            "[0, 0, 1]"
+        } else {
+            "[0, 1, 1]"
+        };
+        std::fs::write(
+            root.join("base.json"),
+            format!(
+                r#"{{"label_names": ["x", "y"], "image_names": {names}, "image_labels": {labels}}}"#
+            ),
+        )
+        .unwrap();
+        let err = open_split(root, Split::Base).unwrap_err().to_string();
+        assert!(
+            err.contains("more than once") && err.contains(needle),
+            "{err}"
+        );
+        assert!(err.contains("a.png"), "names the file: {err}");
+        let report = check_dataset(root, 224).unwrap();
+        assert!(
+            report.to_string().contains("more than once"),
+            "data check reports it: {report}"
+        );
+    }
+}
+
+#[test]
 fn mini_imagenet_csv_opens_with_images_folder_and_class_folder_layouts() {
     let tmp = tempfile::tempdir().unwrap();
     // images/<filename>
@@ -400,7 +464,7 @@ fn corrupt_and_empty_images_give_an_error_naming_the_file_and_data_check() {
         assert!(msg.contains("fsct-dist data check"), "{msg}");
     }
     // check_dataset reports both, without failing.
-    let report = check_dataset(root).unwrap();
+    let report = check_dataset(root, 224).unwrap();
     let base = &report.splits[0];
     assert_eq!((base.classes, base.images), (3, 15));
     assert_eq!(base.problems.len(), 2, "{report}");
@@ -523,7 +587,7 @@ fn synth_is_deterministic_and_complete() {
         std::fs::read(img).unwrap(),
         std::fs::read(b.join(rel)).unwrap()
     );
-    let report = check_dataset(&a).unwrap();
+    let report = check_dataset(&a, 224).unwrap();
     assert!(report.is_ok(), "{report}");
     // No temporary folders left next to it.
     let leftovers = std::fs::read_dir(tmp.path().join("1")).unwrap().count();

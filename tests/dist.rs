@@ -517,3 +517,91 @@ fn nccl_asked_for_without_a_gpu_ends_every_rank_with_a_message() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(took < Duration::from_secs(30), "ended after {took:?}");
 }
+
+#[test]
+fn ranks_without_queries_of_their_own_contribute_zero_and_the_gradient_stays_exact() {
+    // 2-way 1-shot 1-query: 4 images, 2 queries, on 3 ranks: rank 2 holds an image but no
+    // query. Its loss is a constant; it must still take part, adding nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    let episode = [
+        "--n-way",
+        "2",
+        "--k-shot",
+        "1",
+        "--n-query",
+        "1",
+        "--max-steps",
+        "1",
+    ];
+    let single = dir.path().join("single.safetensors");
+    run_single(&train_args(
+        &ds,
+        &dir.path().join("s"),
+        &[
+            &episode[..],
+            &[
+                "--gradient-accumulation-steps",
+                "3",
+                "--dump-grads",
+                single.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    ));
+    let multi = dir.path().join("multi.safetensors");
+    mpirun(
+        3,
+        &train_args(
+            &ds,
+            &dir.path().join("m"),
+            &[&episode[..], &["--dump-grads", multi.to_str().unwrap()]].concat(),
+        ),
+    );
+    let (err, name) = worst_error(&read(&multi), &read(&single));
+    assert!(err <= 1e-5, "gradient of {name} differs by {err:.2e}");
+}
+
+#[test]
+fn more_batchnorm_groups_than_images_is_refused_by_dry_run_under_a_launcher() {
+    // The launcher's world size is read before MPI starts, so --dry-run sees it.
+    let out = Command::new(BIN)
+        .args([
+            "train",
+            "--dry-run",
+            "--n-way",
+            "2",
+            "--k-shot",
+            "1",
+            "--n-query",
+            "1",
+        ])
+        .env("OMPI_COMM_WORLD_SIZE", "6")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("6 ranks") && err.contains("--shard episodes"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "train",
+            "--dry-run",
+            "--n-way",
+            "2",
+            "--k-shot",
+            "1",
+            "--n-query",
+            "1",
+        ])
+        .env("OMPI_COMM_WORLD_SIZE", "4")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -220,7 +220,7 @@ fn episodes_per_step_averages_the_episode_gradients() {
             ..Dumps::default()
         },
         &fsct_dist::dist::Local,
-        None,
+        train::Start::Fresh { overwrite: false },
     )
     .unwrap();
     let dumped: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&dumped)

@@ -217,7 +217,8 @@ impl Default for TestConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Seeds episodes, augmentation and initial weights.
+    /// Seeds episodes, augmentation and initial weights (any 64-bit value).
+    #[serde(with = "wide_u64")]
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
@@ -241,13 +242,45 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// TOML integers are signed 64-bit: a value above i64::MAX (half of all random 64-bit seeds)
+/// is written as a string, so every u64 round-trips through config.toml and checkpoints.
+mod wide_u64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        match i64::try_from(*v) {
+            Ok(i) => s.serialize_i64(i),
+            Err(_) => s.serialize_str(&v.to_string()),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wide {
+            Int(u64),
+            Text(String),
+        }
+        match Wide::deserialize(d)? {
+            Wide::Int(v) => Ok(v),
+            Wide::Text(t) => t.trim().parse().map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{t}` is not a whole number from 0 to {}",
+                    u64::MAX
+                ))
+            }),
+        }
+    }
+}
+
 /// A config problem, said so that the fix is obvious.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path:?}: {source}")]
+    // The I/O error is part of the message, not a `source`: a chain printer would repeat it.
+    #[error("cannot read config file {path:?}: {cause}; pass an existing TOML file to --config")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("config file {path:?} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
@@ -258,10 +291,11 @@ pub enum ConfigError {
 impl RunConfig {
     /// Reads a TOML file; keys not given keep their defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            crate::regular_file::read_to_string(path).map_err(|cause| ConfigError::Read {
+                path: path.to_owned(),
+                cause,
+            })?;
         Self::from_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
             message,
@@ -354,6 +388,22 @@ mod tests {
         let err = RunConfig::from_toml("[train]\nlearning_rat = 0.1\n").unwrap_err();
         assert!(err.contains("learning_rat"), "{err}");
         assert!(err.contains("did you mean `learning_rate`"), "{err}");
+    }
+
+    #[test]
+    fn every_64_bit_seed_round_trips() {
+        for seed in [0, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
+            let mut c = RunConfig::default();
+            c.run.seed = seed;
+            let back = RunConfig::from_toml(&c.to_toml()).unwrap();
+            assert_eq!(back.run.seed, seed);
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(
+                serde_json::from_str::<RunConfig>(&json).unwrap().run.seed,
+                seed
+            );
+        }
+        assert!(RunConfig::from_toml("[run]\nseed = \"-3\"\n").is_err());
     }
 
     #[test]

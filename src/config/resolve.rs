@@ -75,8 +75,8 @@ impl RunConfig {
             Accumulation::Steps(n) => micro_steps(n, c.model.backbone),
             Accumulation::Named(_) => micro_steps(0, c.model.backbone),
         };
-        let images = c.episode.n_way * (c.episode.k_shot + c.episode.n_query);
-        if micro_steps as i64 > images {
+        let images = c.episode_images().unwrap_or(i64::MAX);
+        if micro_steps > images.max(1) as u64 {
             return Err(invalid(
                 "gradient_accumulation_steps",
                 format!("{micro_steps} micro-steps for an episode of {images} images leave empty groups; use at most {images}"),
@@ -107,6 +107,65 @@ impl RunConfig {
     }
 }
 
+impl RunConfig {
+    /// Episodes one optimizer step takes from an epoch, over all `world` ranks: K, or K per
+    /// rank with `--shard episodes`.
+    pub fn episodes_per_step_over(&self, world: usize) -> u64 {
+        let k = self.train.episodes_per_step;
+        match self.train.shard {
+            super::ShardMode::Images => k,
+            super::ShardMode::Episodes => k.saturating_mul(world as u64),
+        }
+    }
+
+    /// Optimizer steps in one epoch on `world` ranks.
+    pub fn steps_per_epoch(&self, world: usize) -> u64 {
+        self.train.episodes_per_epoch / self.episodes_per_step_over(world).max(1)
+    }
+
+    /// The checks that depend on the number of ranks, so that `--dry-run` under a launcher (and
+    /// every rank before any work) refuses what would fail later.
+    pub fn check_world(&self, world: usize) -> Result<(), ConfigError> {
+        let world = world.max(1);
+        if self.steps_per_epoch(world) == 0 {
+            return Err(invalid(
+                "episodes_per_epoch",
+                format!(
+                    "an epoch of {} episodes is less than one optimizer step ({} episodes: {} per step × {world} rank(s) with --shard episodes); raise --episodes-per-epoch",
+                    self.train.episodes_per_epoch,
+                    self.episodes_per_step_over(world),
+                    self.train.episodes_per_step
+                ),
+            ));
+        }
+        if self.train.shard == super::ShardMode::Images && world > 1 {
+            let images = self.episode_images().unwrap_or(i64::MAX);
+            let m = match self.train.gradient_accumulation_steps {
+                Accumulation::Steps(n) => micro_steps(n, self.model.backbone),
+                Accumulation::Named(_) => 1,
+            }
+            .min(i64::MAX as u64) as i64;
+            let groups = (world as i64).saturating_mul(m);
+            if groups > images {
+                return Err(invalid(
+                    "shard",
+                    format!(
+                        "{world} ranks × {m} micro-step(s) make {groups} BatchNorm groups, more than the episode's {images} images, so some ranks would get no image; use at most {} ranks with --shard images, fewer micro-steps, or --shard episodes",
+                        (images / m).max(1)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// n_way · (k_shot + n_query), or None when that overflows.
+    pub fn episode_images(&self) -> Option<i64> {
+        let e = &self.episode;
+        e.k_shot.checked_add(e.n_query)?.checked_mul(e.n_way)
+    }
+}
+
 /// The documented rule for `gradient_accumulation_steps = 0`: ResNet 4, everything else 2.
 pub fn micro_steps(requested: u64, backbone: Backbone) -> u64 {
     match requested {
@@ -122,7 +181,21 @@ fn parse_dataset_name(s: &str) -> Option<DatasetName> {
     DatasetName::from_str(s, true).ok()
 }
 
+/// The largest `--image-size` accepted: 4.6× the official 224 px. Above it one episode's
+/// activations outgrow any machine, and checking here gives one clear message instead of an
+/// allocation failure deep in libtorch.
+pub const MAX_IMAGE_SIZE: i64 = 1024;
+/// Images in one episode (n_way · (k_shot + n_query)) at most: far above any few-shot setting,
+/// low enough that every derived size fits its integer type.
+pub const MAX_EPISODE_IMAGES: i64 = 100_000;
+/// Threads (libtorch's and the loader's) and prefetched episodes at most.
+pub const MAX_THREADS: usize = 1024;
+/// Any count of epochs, episodes or steps at most (2^53: exact as a JSON number, and no
+/// product of two of them in the trainer's arithmetic can overflow a u64 past a check).
+pub const MAX_COUNT: u64 = 1 << 53;
+
 fn validate(c: &RunConfig) -> Result<(), ConfigError> {
+    validate_limits(c)?;
     let e = &c.episode;
     if e.n_way < 2 {
         return Err(invalid(
@@ -245,6 +318,97 @@ fn validate(c: &RunConfig) -> Result<(), ConfigError> {
     }
     if c.test.episodes == 0 {
         return Err(invalid("test_iter", "at least 1 test episode is needed"));
+    }
+    Ok(())
+}
+
+/// Every number within the range the trainer can honour (so nothing overflows or asks the
+/// allocator for an impossible size later), each refusal naming its flag.
+fn validate_limits(c: &RunConfig) -> Result<(), ConfigError> {
+    let e = &c.episode;
+    for (key, flag, v) in [
+        ("n_way", "--n-way", e.n_way),
+        ("k_shot", "--k-shot", e.k_shot),
+        ("n_query", "--n-query", e.n_query),
+    ] {
+        if v > MAX_EPISODE_IMAGES {
+            return Err(invalid(
+                key,
+                format!("{v} is more than an episode can hold (at most {MAX_EPISODE_IMAGES} images in all); lower {flag}"),
+            ));
+        }
+    }
+    match c.episode_images() {
+        Some(n) if n <= MAX_EPISODE_IMAGES => {}
+        _ if e.n_way < 1 || e.k_shot < 0 || e.n_query < 0 => {} // refused below, with its own message
+        _ => {
+            return Err(invalid(
+                "n_way",
+                format!(
+                    "{} ways × ({} shots + {} queries) is more than {MAX_EPISODE_IMAGES} images in one episode; lower --n-way, --k-shot or --n-query",
+                    e.n_way, e.k_shot, e.n_query
+                ),
+            ))
+        }
+    }
+    if c.data.image_size > MAX_IMAGE_SIZE {
+        return Err(invalid(
+            "image_size",
+            format!(
+                "{} px is above the {MAX_IMAGE_SIZE} px this trainer accepts (the official settings use 84–224 px); lower --image-size",
+                c.data.image_size
+            ),
+        ));
+    }
+    for (key, flag, v) in [
+        ("threads", "--threads", c.run.threads),
+        ("workers", "--workers", c.data.workers),
+        ("prefetch", "prefetch", c.data.prefetch),
+    ] {
+        if v > MAX_THREADS {
+            return Err(invalid(
+                key,
+                format!("{v} is more than the {MAX_THREADS} this trainer accepts; lower {flag} (0 = automatic)"),
+            ));
+        }
+    }
+    let t = &c.train;
+    for (key, flag, v) in [
+        ("epochs", "--epochs", t.epochs),
+        (
+            "episodes_per_epoch",
+            "--episodes-per-epoch",
+            t.episodes_per_epoch,
+        ),
+        ("val_episodes", "--val-episodes", t.val_episodes),
+        ("max_steps", "--max-steps", t.max_steps),
+        (
+            "episodes_per_step",
+            "--episodes-per-step",
+            t.episodes_per_step,
+        ),
+        ("log_every", "log_every", t.log_every),
+        (
+            "empty_cache_every",
+            "--empty-cache-every",
+            t.empty_cache_every,
+        ),
+        ("checkpoint_every", "--checkpoint-every", t.checkpoint_every),
+        ("keep_checkpoints", "--keep-checkpoints", t.keep_checkpoints),
+        ("test_iter", "--test-iter", c.test.episodes),
+    ] {
+        if v > MAX_COUNT {
+            return Err(invalid(
+                key,
+                format!("{v} is above the largest count accepted ({MAX_COUNT}); lower {flag}"),
+            ));
+        }
+    }
+    if c.model.freeze_backbone && c.model.method == super::Method::ProtoNet {
+        return Err(invalid(
+            "freeze_backbone",
+            "ProtoNet has no head parameters, so with a frozen backbone nothing would be trained; drop --freeze-backbone or choose a method with a head (e.g. --method FSCT_cosine)",
+        ));
     }
     Ok(())
 }

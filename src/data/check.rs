@@ -1,9 +1,12 @@
 //! `fsct-dist data check DIR`: open all three splits, decode every image, report what is wrong.
+//! It applies exactly the checks that loading applies (the same split reader, the same
+//! decoder with the same limits for the given image size), so "no problems" means a run will
+//! not fail on a file.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::{decode_image, open_split, DataError, DatasetFormat};
+use super::{decode_image_for, open_split, DataError, DatasetFormat};
 use crate::config::Split;
 
 /// The findings for one split.
@@ -73,9 +76,14 @@ impl fmt::Display for CheckReport {
     }
 }
 
-/// Checks every split of `root`; only a missing root folder is an `Err`, everything else is a
-/// problem in the report. Images are decoded on all available cores.
-pub fn check_dataset(root: &Path) -> Result<CheckReport, DataError> {
+/// The image size `data check` assumes when none is given: the largest official one (the
+/// resize limit is strictest there).
+pub const CHECK_IMAGE_SIZE: u32 = 224;
+
+/// Checks every split of `root` for images resized to `image_size` px; only a missing root
+/// folder is an `Err`, everything else is a problem in the report. Images are decoded on all
+/// available cores.
+pub fn check_dataset(root: &Path, image_size: u32) -> Result<CheckReport, DataError> {
     if !root.is_dir() {
         return Err(DataError::MissingRoot {
             path: root.to_path_buf(),
@@ -110,7 +118,7 @@ pub fn check_dataset(root: &Path) -> Result<CheckReport, DataError> {
                     .iter()
                     .flat_map(|c| c.images.iter().map(PathBuf::as_path))
                     .collect();
-                rep.problems.extend(decode_all(&files, root));
+                rep.problems.extend(decode_all(&files, root, image_size));
             }
         }
         splits.push(rep);
@@ -122,7 +130,7 @@ pub fn check_dataset(root: &Path) -> Result<CheckReport, DataError> {
 }
 
 /// Decodes all files in parallel; returns one message per failure, in file order.
-fn decode_all(files: &[&Path], root: &Path) -> Vec<String> {
+fn decode_all(files: &[&Path], root: &Path, image_size: u32) -> Vec<String> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -133,7 +141,7 @@ fn decode_all(files: &[&Path], root: &Path) -> Vec<String> {
                 sc.spawn(move |_| {
                     let mut bad = Vec::new();
                     for (i, f) in files.iter().enumerate().skip(t).step_by(threads) {
-                        if let Err(e) = decode_image(f, root) {
+                        if let Err(e) = decode_image_for(f, root, Some(image_size)) {
                             let msg = match e {
                                 DataError::BadImage { path, reason, .. } => {
                                     format!("{}: {reason}", path.display())

@@ -22,11 +22,11 @@ pub enum DataError {
         tried: String,
     },
 
-    #[error("cannot read {path:?}: {source}; check that it exists and is readable")]
+    // The I/O error is part of the message, not a `source`: a chain printer would repeat it.
+    #[error("cannot read {path:?}: {cause}; check that it exists and is readable")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{path:?} is not a valid split file: {reason}; fix or regenerate the file")]
@@ -34,6 +34,18 @@ pub enum DataError {
 
     #[error("split {split} in {root:?} has no images; check the dataset with `fsct-dist data check {root:?}`")]
     EmptySplit { root: PathBuf, split: &'static str },
+
+    #[error(
+        "the {split} split in {root:?} lists {count} image file(s) more than once: {examples}; \
+         a picture must appear once (support and query could be the same image): remove the \
+         repeated entries (`fsct-dist data check {root:?}` lists every split's problems)"
+    )]
+    DuplicateImages {
+        root: PathBuf,
+        split: &'static str,
+        count: usize,
+        examples: String,
+    },
 
     // === Images ===
     #[error(
@@ -59,10 +71,7 @@ pub enum DataError {
         root: PathBuf,
     },
 
-    #[error(
-        "episode needs {need} classes (n_way) but the {split} split in {root:?} has {have}; \
-         lower --n_way to at most {have}"
-    )]
+    #[error("{}", too_few_classes(*.need, *.have, .split, .root))]
     TooFewClasses {
         need: usize,
         have: usize,
@@ -72,6 +81,9 @@ pub enum DataError {
 
     #[error("invalid episode request: {0}")]
     BadRequest(String),
+
+    #[error("stopped by a signal while waiting for images")]
+    Interrupted,
 
     // === Internal ===
     #[error("building the image tensor failed: {0}")]
@@ -90,7 +102,22 @@ impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         DataError::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
+}
+
+/// The fix depends on how few: a split of 0 or 1 classes cannot hold any episode.
+fn too_few_classes(need: usize, have: usize, split: &str, root: &std::path::Path) -> String {
+    let fix = if have < 2 {
+        format!(
+            "a few-shot episode needs at least 2; add classes to the {split} split (or test on \
+             another split with --split)"
+        )
+    } else {
+        format!("lower --n_way to at most {have}")
+    };
+    format!(
+        "episode needs {need} classes (n_way) but the {split} split in {root:?} has {have}; {fix}"
+    )
 }

@@ -1,6 +1,6 @@
 //! Datasets on disk: the three supported formats, detected per split, read into a [`SplitIndex`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -115,7 +115,43 @@ pub fn open_split(root: &Path, split: Split) -> Result<SplitIndex, DataError> {
             split: split.file_stem(),
         });
     }
+    check_no_duplicates(&index)?;
     Ok(index)
+}
+
+/// Refuses a split that lists one image file twice: in one class, support and query could be
+/// the same picture (an inflated accuracy); in two classes, one picture would carry two labels.
+fn check_no_duplicates(index: &SplitIndex) -> Result<(), DataError> {
+    let mut first_seen: HashMap<PathBuf, &str> = HashMap::new();
+    let mut found = Vec::new();
+    for class in &index.classes {
+        for image in &class.images {
+            // `a/./b.jpg` and `a/b.jpg` are one file.
+            let key: PathBuf = image.components().collect();
+            if let Some(other) = first_seen.insert(key, &class.name) {
+                found.push(if other == class.name {
+                    format!("{} (twice in class {:?})", image.display(), class.name)
+                } else {
+                    format!(
+                        "{} (in classes {other:?} and {:?})",
+                        image.display(),
+                        class.name
+                    )
+                });
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    let count = found.len();
+    found.truncate(3);
+    Err(DataError::DuplicateImages {
+        root: index.root.clone(),
+        split: index.split.file_stem(),
+        count,
+        examples: found.join(", "),
+    })
 }
 
 #[derive(Deserialize)]
@@ -125,8 +161,17 @@ struct JsonLists {
     image_labels: Vec<i64>,
 }
 
+/// The text of a split file, without the byte-order mark that spreadsheet programs put in front.
+fn read_text(path: &Path) -> Result<String, DataError> {
+    let text = crate::regular_file::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    })
+}
+
 fn read_json(path: &Path) -> Result<Vec<ClassImages>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    let text = read_text(path)?;
     let bad = |reason: String| DataError::BadSplitFile {
         path: path.to_path_buf(),
         reason,
@@ -174,7 +219,7 @@ fn read_json(path: &Path) -> Result<Vec<ClassImages>, DataError> {
 }
 
 fn read_csv(root: &Path, path: &Path) -> Result<Vec<ClassImages>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    let text = read_text(path)?;
     let bad = |reason: String| DataError::BadSplitFile {
         path: path.to_path_buf(),
         reason,

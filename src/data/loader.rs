@@ -94,8 +94,15 @@ pub struct EpisodeLoader {
     done: Receiver<Done>,
     ready: BTreeMap<u64, Result<LoadedEpisode, DataError>>,
     stop: Arc<AtomicBool>,
+    /// Set from outside (SIGTERM/SIGINT): a wait for an episode gives up with
+    /// [`DataError::Interrupted`] instead of blocking on a worker that may never finish (a
+    /// file system that stopped answering).
+    interrupt: Option<Arc<AtomicBool>>,
     handles: Vec<JoinHandle<()>>,
 }
+
+/// How often a waiting `next` looks at the interrupt flag.
+const INTERRUPT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl EpisodeLoader {
     pub fn new(
@@ -153,10 +160,24 @@ impl EpisodeLoader {
             done: done_rx,
             ready: BTreeMap::new(),
             stop,
+            interrupt: None,
             handles,
         };
         loader.top_up();
         loader
+    }
+
+    /// Makes every wait for an episode also watch `flag`: once it is set, `next` yields
+    /// [`DataError::Interrupted`] instead of waiting on.
+    pub fn interrupted_by(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.interrupt = Some(flag);
+        self
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
     /// Issues jobs until `workers + prefetch` episodes are in flight or waiting.
@@ -225,12 +246,16 @@ impl Iterator for EpisodeLoader {
             if let Some(r) = self.ready.remove(&index) {
                 break r;
             }
-            match self.done.recv() {
+            if self.interrupted() {
+                return Some(Err(DataError::Interrupted));
+            }
+            match self.done.recv_timeout(INTERRUPT_POLL) {
                 Ok((i, r)) => {
                     self.ready.insert(i, r);
                 }
+                Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
                 // Unreachable while we hold a job sender and workers are alive; report, not hang.
-                Err(_) => {
+                Err(crossbeam::channel::RecvTimeoutError::Disconnected) => {
                     break Err(DataError::WorkerPanic {
                         index,
                         message: "all loader threads exited".into(),
@@ -254,6 +279,11 @@ impl Drop for EpisodeLoader {
         // Workers finish the episode they hold, then skip queued jobs and see the closed channel.
         self.stop.store(true, Ordering::Relaxed);
         self.jobs = None;
+        if self.interrupted() {
+            // A worker may be stuck in a read that never returns; the process is about to
+            // exit, so leave the threads behind rather than wait for them.
+            return;
+        }
         for h in self.handles.drain(..) {
             let _ = h.join();
         }

@@ -22,10 +22,12 @@ mod loader;
 pub mod synth;
 mod transform;
 
-pub use check::{check_dataset, CheckReport, SplitReport};
+pub use check::{check_dataset, CheckReport, SplitReport, CHECK_IMAGE_SIZE};
 pub use episode::{aug_seed_for, sample_episode, validate_shape, Episode, EpisodeShape};
 pub use error::DataError;
 pub use index::{open_split, ClassImages, DatasetFormat, SplitIndex};
 pub use loader::{load_episode, EpisodeLoader, LoadedEpisode, LoaderConfig};
 pub use synth::{ensure_builtin, write_dataset, SynthOptions, SynthSummary};
-pub use transform::{decode_image, load_images, transform_into, Rgb, TransformConfig, MEAN, STD};
+pub use transform::{
+    decode_image, decode_image_for, load_images, transform_into, Rgb, TransformConfig, MEAN, STD,
+};

@@ -372,13 +372,51 @@ fn summary(dir: &Path, opts: &SynthOptions, images: usize) -> SynthSummary {
     }
 }
 
+/// Largest image side, images per class and classes per split `data synth` writes: an image
+/// of MAX_SIZE² pixels is 3 MiB, and the whole dataset stays far below a disk.
+const MAX_SIZE: u32 = 1024;
+const MAX_IMAGES_PER_CLASS: usize = 100_000;
+const MAX_CLASSES: usize = 10_000;
+
+/// Removes `.NAME.tmp-PID-*` / `.NAME.old-PID-*` folders beside the dataset that a process
+/// killed mid-generation left behind (its PID no longer runs). A live process's are kept: it
+/// may be another rank or user writing the same dataset right now.
+fn remove_stale_temps(parent: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = [".tmp-", ".old-"]
+            .iter()
+            .find_map(|k| file.strip_prefix(&format!(".{name}{k}")))
+        else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_none_or(|p| Path::new("/proc").join(p.to_string()).exists());
+        if !alive && std::fs::remove_dir_all(e.path()).is_ok() {
+            tracing::info!(
+                "removed {}, left by an interrupted dataset generation",
+                e.path().display()
+            );
+        }
+    }
+}
+
 /// Writes the dataset to `out`, replacing an earlier built-in dataset there. Refuses to touch a
 /// folder that is neither empty nor a built-in dataset.
 pub fn write_dataset(out: &Path, opts: &SynthOptions) -> Result<SynthSummary, DataError> {
-    if opts.size < 16 || opts.images_per_class == 0 || opts.classes.contains(&0) {
+    if !(16..=MAX_SIZE).contains(&opts.size)
+        || !(1..=MAX_IMAGES_PER_CLASS).contains(&opts.images_per_class)
+        || opts
+            .classes
+            .iter()
+            .any(|&c| !(1..=MAX_CLASSES).contains(&c))
+    {
         return Err(DataError::BadRequest(format!(
-            "synth needs --size of at least 16 (got {}), at least 1 image per class (got {}) and \
-             at least 1 class per split (got {:?})",
+            "synth needs --size from 16 to {MAX_SIZE} (got {}), 1 to {MAX_IMAGES_PER_CLASS} \
+             images per class (got {}) and 1 to {MAX_CLASSES} classes per split (got {:?})",
             opts.size, opts.images_per_class, opts.classes
         )));
     }
@@ -407,6 +445,7 @@ pub fn write_dataset(out: &Path, opts: &SynthOptions) -> Result<SynthSummary, Da
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
+    remove_stale_temps(&parent, &name);
     let tmp = parent.join(format!(".{name}.tmp-{}-{nonce}", std::process::id()));
     std::fs::create_dir(&tmp).map_err(|e| synth_err(&tmp, e))?;
     let images = match write_into(&tmp, opts) {

@@ -55,12 +55,24 @@ pub struct Rgb {
 /// are PIL's. Anything libjpeg-turbo rejects or only decodes with a warning (CMYK/YCCK, truncated
 /// or slightly corrupt files) and every other format go through the `image` crate, as before.
 pub fn decode_image(path: &Path, root: &Path) -> Result<Rgb, DataError> {
+    decode_image_for(path, root, None)
+}
+
+/// [`decode_image`] for a transform to `image_size` px: also refuses an image whose resize
+/// would allocate more than the pixel limit (an extreme aspect ratio such as 170,000,000×1 is
+/// small on disk but resizes to billions of pixels). Loading and `data check` both call this,
+/// so they refuse exactly the same files.
+pub fn decode_image_for(
+    path: &Path,
+    root: &Path,
+    image_size: Option<u32>,
+) -> Result<Rgb, DataError> {
     let bad = |reason: String| DataError::BadImage {
         path: path.to_path_buf(),
         root: root.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let bytes = crate::regular_file::read(path).map_err(|e| bad(e.to_string()))?;
     if bytes.is_empty() {
         return Err(bad("the file is empty (0 bytes)".into()));
     }
@@ -75,21 +87,44 @@ pub fn decode_image(path: &Path, root: &Path) -> Result<Rgb, DataError> {
                 "the image claims {w}×{h} pixels, above the {MAX_PIXELS}-pixel limit (a corrupt or hostile file?)"
             )));
         }
+        check_resize(w as u64, h as u64, image_size).map_err(&bad)?;
     }
-    if let Some(img) = decode_jpeg_turbo(&bytes) {
-        return Ok(img);
-    }
-    let img = image::load_from_memory(&bytes).map_err(|e| bad(e.to_string()))?;
-    let rgb = img.into_rgb8();
-    let (w, h) = rgb.dimensions();
-    if w == 0 || h == 0 {
+    let img = match decode_jpeg_turbo(&bytes) {
+        Some(img) => img,
+        None => {
+            let img = image::load_from_memory(&bytes).map_err(|e| bad(e.to_string()))?;
+            let rgb = img.into_rgb8();
+            let (w, h) = rgb.dimensions();
+            Rgb {
+                width: w as usize,
+                height: h as usize,
+                data: rgb.into_raw(),
+            }
+        }
+    };
+    if img.width == 0 || img.height == 0 {
         return Err(bad("the image has no pixels".into()));
     }
-    Ok(Rgb {
-        width: w as usize,
-        height: h as usize,
-        data: rgb.into_raw(),
-    })
+    // Again on the decoded size, for formats whose header could not be read up front.
+    check_resize(img.width as u64, img.height as u64, image_size).map_err(bad)?;
+    Ok(img)
+}
+
+/// Refuses a w×h image whose resize to `image_size` on its short side (torchvision `Resize`)
+/// needs more than [`MAX_PIXELS`] pixels.
+fn check_resize(w: u64, h: u64, image_size: Option<u32>) -> Result<(), String> {
+    let Some(s) = image_size else { return Ok(()) };
+    let (short, long) = (w.min(h).max(1) as u128, w.max(h) as u128);
+    let s = u128::from(s);
+    let resized = s * (s * long / short);
+    if resized > MAX_PIXELS as u128 {
+        return Err(format!(
+            "the image is {w}×{h} pixels: resizing it to {s} px on its short side needs \
+             {resized} pixels, above the {MAX_PIXELS}-pixel limit (an extreme aspect ratio; \
+             crop or remove the file)"
+        ));
+    }
+    Ok(())
 }
 
 thread_local! {
@@ -545,7 +580,7 @@ pub fn load_images(
                     split.split.file_stem()
                 ))
             })?;
-        let img = decode_image(path, &split.root)?;
+        let img = decode_image_for(path, &split.root, Some(tf.image_size))?;
         // SAFETY: `t` is a new contiguous CPU f32 tensor of n·per elements that nothing else
         // references while this function runs; image k's block [k·per, (k+1)·per) is in bounds,
         // is zeroed (so initialised) before the slice is formed, and the slice ends with this

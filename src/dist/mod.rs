@@ -275,6 +275,9 @@ pub fn init(kind: CommKind, device: Device) -> Result<Box<dyn Communicator>> {
 pub fn abort_on_panic(rank: usize) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if crate::oom::is_caught(info) {
+            return; // the step engine turns it into an error every rank agrees on
+        }
         eprintln!("rank {rank} panicked; ending the job");
         default(info);
         mpi::abort_world(101);

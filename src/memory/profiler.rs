@@ -202,6 +202,8 @@ pub fn write_report(m: &StepMemory, meter: Meter, device: &str, dir: &Path) -> R
         let top = m.phases.iter().map(|r| r.peak_bytes).max().unwrap_or(1) as f64
             / (1u64 << 20) as f64
             * 1.1;
+        // An empty axis (nothing measured) would give plotters a zero-length range.
+        let top = if top > 0.0 { top } else { 1.0 };
         let n = m.phases.len().max(1);
         let mut chart = ChartBuilder::on(&root)
             .margin(14)

@@ -116,6 +116,19 @@ pub fn save(
     Ok(final_dir)
 }
 
+/// For an error message: "; the last checkpoint … is kept: resume with …", or that there is
+/// none yet (then there is nothing to resume).
+pub fn what_is_kept(run: &Path) -> String {
+    match list(run).pop() {
+        Some(last) => format!(
+            "; the last checkpoint {} is kept: after fixing the cause, resume with --resume {}",
+            last.display(),
+            run.display()
+        ),
+        None => "; no checkpoint was written yet".into(),
+    }
+}
+
 /// The checkpoint folders of a run, oldest first.
 pub fn list(run: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(run.join(DIR)) else {
@@ -173,6 +186,53 @@ pub fn read_state(ckpt: &Path) -> Result<CheckpointState> {
             path.display()
         )
     })
+}
+
+/// Checks that a checkpoint's position is one this run can continue from: micro-steps that
+/// make sense for the episode, and a step count that matches its epoch and steps into it under
+/// the run's episodes per epoch (a hand-edited or mismatched file would otherwise resume at a
+/// silently wrong place).
+pub fn check_position(
+    ckpt: &Path,
+    state: &CheckpointState,
+    config: &RunConfig,
+    world: usize,
+) -> Result<()> {
+    let images = config.episode_images().unwrap_or(i64::MAX);
+    if state.micro_steps < 1 || state.micro_steps > images {
+        bail!(
+            "{} says {} micro-steps, impossible for an episode of {images} images; the file is \
+             damaged: resume from another checkpoint",
+            ckpt.join(STATE).display(),
+            state.micro_steps
+        );
+    }
+    let per_epoch = config.steps_per_epoch(world);
+    let expected = state
+        .epoch
+        .checked_mul(per_epoch)
+        .and_then(|s| s.checked_add(state.steps_in_epoch));
+    if state.steps_in_epoch > per_epoch || expected != Some(state.step) {
+        bail!(
+            "{} is at step {} = epoch {} + {} steps, which does not fit {per_epoch} steps per \
+             epoch; resume with the run's own --episodes-per-epoch/--episodes-per-step (and \
+             the same number of ranks with --shard episodes), or from another checkpoint",
+            ckpt.join(STATE).display(),
+            state.step,
+            state.epoch,
+            state.steps_in_epoch
+        );
+    }
+    if state.best_epoch.is_some_and(|b| b > state.epoch) {
+        bail!(
+            "{} names best epoch {:?} after its own epoch {}; the file is damaged: resume from \
+             another checkpoint",
+            ckpt.join(STATE).display(),
+            state.best_epoch,
+            state.epoch
+        );
+    }
+    Ok(())
 }
 
 /// Loads weights and optimizer state after checking the checkpoint fits `config`'s model.

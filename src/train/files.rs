@@ -94,8 +94,55 @@ pub fn prepare_output(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes temp files and folders (`.tmp-*`) that an earlier process left in the run folder and
+/// its checkpoints when it was killed mid-write. Only call it holding the run's lock: then no
+/// other process can be writing them.
+pub fn remove_stale_temps(run: &Path) {
+    let pid = std::process::id();
+    let ours =
+        |name: &str| name.contains(&format!("-{pid}-")) || name.ends_with(&format!("-{pid}"));
+    for dir in [run.to_path_buf(), run.join(super::checkpoint::DIR)] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(".tmp-") || ours(&name) {
+                continue;
+            }
+            let path = e.path();
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            if removed.is_ok() {
+                tracing::info!("removed {}, left by an interrupted write", path.display());
+            }
+        }
+    }
+}
+
 /// Today's UTC date as YYYY-MM-DD (for result files), from the system clock.
 pub fn today() -> String {
+    let (y, m, d, _) = civil_now();
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The UTC date and time as YYYYMMDD-HHMMSS (for names of folders moved aside).
+pub fn today_and_time() -> String {
+    let (y, m, d, secs) = civil_now();
+    let s = secs % 86_400;
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// (year, month, day, seconds since the epoch) of the system clock, in UTC.
+fn civil_now() -> (i64, i64, i64, u64) {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -109,7 +156,7 @@ pub fn today() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+    (year, month, day, secs)
 }
 
 /// Append-only JSON-lines log (metrics). Each line is flushed whole, so a reader never sees half

@@ -6,10 +6,12 @@ pub mod bn_sync;
 pub mod checkpoint;
 pub mod eval;
 pub mod files;
+mod metrics;
 pub mod optim;
 pub mod optimizer_step;
 pub mod plot;
 mod progress;
+pub mod run_folder;
 mod signals;
 pub mod step;
 
@@ -30,6 +32,7 @@ use crate::model::{self, FewShotModel, ModelConfig};
 use amp::{AmpMode, GradScaler};
 pub use eval::{evaluate, Accuracy, EvalEpisodes, TEST_EPOCH, VAL_EPOCH};
 use files::{save_weights, write_json, JsonLines};
+use metrics::Metric;
 use optimizer_step::{optimizer_step, probe_micro_steps, reload_episode, StepPlan};
 use plot::Curves;
 use progress::Progress;
@@ -39,6 +42,7 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const BEST_WEIGHTS: &str = "best.safetensors";
 pub const LAST_WEIGHTS: &str = "last.safetensors";
 pub const STATE_FILE: &str = "state.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Written beside `last.safetensors` after every epoch: where the run is and what it reached.
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +66,35 @@ pub struct Dumps {
     pub simulate_oom_above_bytes: Option<u64>,
 }
 
+impl Dumps {
+    /// Refuses dump paths whose folder is missing, before training instead of after it.
+    pub fn check_paths(&self) -> Result<()> {
+        for (flag, path) in [
+            ("--dump-params", &self.params),
+            ("--dump-grads", &self.grads),
+        ] {
+            let Some(path) = path else { continue };
+            let folder = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            anyhow::ensure!(
+                folder.is_dir(),
+                "{flag} {}: the folder {} does not exist; create it or pass another path",
+                path.display(),
+                folder.display()
+            );
+            anyhow::ensure!(
+                !path.is_dir(),
+                "{flag} {} is a folder; pass a file path such as {}",
+                path.display(),
+                path.join("params.safetensors").display()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Where training stopped and what it reached.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainSummary {
@@ -73,31 +106,6 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// Set when SIGTERM/SIGINT stopped the run: the checkpoint to resume from.
     pub preempted: Option<PathBuf>,
-}
-
-/// One metrics line (metrics.jsonl).
-#[derive(Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum Metric {
-    Train {
-        epoch: u64,
-        step: u64,
-        loss: f64,
-        acc: f64,
-        episodes_per_s: f64,
-    },
-    Val {
-        epoch: u64,
-        acc: f64,
-        ci95: f64,
-        best: bool,
-    },
-    Test {
-        split: Split,
-        episodes: usize,
-        acc: f64,
-        ci95: f64,
-    },
 }
 
 /// The model, its variables and the episode shape, built from a resolved config.
@@ -210,22 +218,59 @@ pub fn open_split(root: &Path, split: Split, shape: EpisodeShape) -> Result<Arc<
     Ok(Arc::new(index))
 }
 
+/// How a training run begins.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// A new run in an empty or new output folder; `overwrite` moves an existing one aside.
+    Fresh { overwrite: bool },
+    /// Continue from this checkpoint (a run folder or one checkpoint folder).
+    Resume(&'a Path),
+}
+
 /// Trains, validates every epoch, keeps the best, then tests it. Writes into the run folder
-/// (rank 0 only): config.toml, metrics.jsonl, best/last weights, curves.png, summary.json,
-/// test.json. Every rank of `comm` calls this with the same config.
+/// (rank 0 only, holding its lock): config.toml, metrics.jsonl, best/last weights, curves.png,
+/// summary.json, test.json. Every rank of `comm` calls this with the same config. Everything
+/// that can be checked before the first step is (splits, output paths, the world size), so a
+/// bad setting fails in seconds, not after training.
 pub fn train(
     r: &Resolved,
     dumps: &Dumps,
     comm: &dyn Communicator,
-    resume: Option<&Path>,
+    start: Start<'_>,
 ) -> Result<TrainSummary> {
     let c = &r.config;
     let out = &c.run.output;
     let world = comm.world();
     let root_rank = world.is_root();
     let device = world.device_for(r.device);
-    if root_rank {
+    let resume = match start {
+        Start::Resume(p) => Some(p),
+        Start::Fresh { .. } => None,
+    };
+    c.check_world(world.size)?;
+    let _lock = if root_rank {
+        let lock = match start {
+            Start::Fresh { overwrite } => run_folder::claim_fresh(out, overwrite)?,
+            Start::Resume(_) => run_folder::lock(out)?,
+        };
         files::prepare_output(out)?;
+        files::remove_stale_temps(out);
+        dumps.check_paths()?;
+        Some(lock)
+    } else {
+        None
+    };
+    let root = dataset_root_on(r, comm)?;
+    let shape = EpisodeShape {
+        n_way: c.episode.n_way as usize,
+        k_shot: c.episode.k_shot as usize,
+        n_query: c.episode.n_query as usize,
+    };
+    let base = open_split(&root, Split::Base, shape)?;
+    let val = open_split(&root, Split::Val, shape)?;
+    // The test split is only used at the end: open it now so a missing one fails now.
+    open_split(&root, c.test.split, shape)?;
+    if root_rank {
         files::write_atomic(&out.join(CONFIG_FILE), c.to_toml().as_bytes())?;
         info!(
             "effective config (saved as {}):\n{}",
@@ -233,8 +278,7 @@ pub fn train(
             c.to_toml()
         );
     }
-    let root = dataset_root_on(r, comm)?;
-    let Built { vs, model, shape } = build_on(r, device)?;
+    let Built { vs, model, .. } = build_on(r, device)?;
     if world.size > 1 {
         // Identical initial weights and buffers everywhere, whatever each rank drew.
         let mut named: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
@@ -242,15 +286,20 @@ pub fn train(
         let tensors: Vec<tch::Tensor> = named.into_iter().map(|(_, t)| t).collect();
         comm.broadcast(&tensors, 0)?;
     }
-    let base = open_split(&root, Split::Base, shape)?;
-    let val = open_split(&root, Split::Val, shape)?;
     let mut opt = optim::build(&c.train, &vs)?;
     let mut vs = vs;
     let resumed = match resume {
         Some(path) => {
             let ckpt = checkpoint::resolve(path)?;
             let state = checkpoint::read_state(&ckpt)?;
+            checkpoint::check_position(&ckpt, &state, c, world.size)?;
             checkpoint::load(&ckpt, &state, c, &mut vs, &mut opt)?;
+            if root_rank {
+                let dropped = metrics::rewind(&out.join(METRICS_FILE), &state)?;
+                if dropped > 0 {
+                    info!("metrics.jsonl: {dropped} line(s) logged after this checkpoint dropped (their steps are redone)");
+                }
+            }
             info!(
                 "resuming from {} (step {}, epoch {}, {} steps into it)",
                 ckpt.display(),
@@ -310,7 +359,7 @@ pub fn train(
         scaler.load_state(s);
     }
     let started = Instant::now();
-    let metrics_path = out.join("metrics.jsonl");
+    let metrics_path = out.join(METRICS_FILE);
     let mut curves = if resumed.is_some() {
         Curves::from_metrics(&metrics_path)
     } else {
@@ -339,18 +388,8 @@ pub fn train(
         c.train.max_steps
     };
     let k = c.train.episodes_per_step;
-    // Episodes one optimizer step consumes from the epoch, over all ranks.
-    let per_step = match plan.shard {
-        ShardMode::Images => k,
-        ShardMode::Episodes => k * world.size as u64,
-    };
-    let steps_per_epoch = c.train.episodes_per_epoch / per_step;
-    anyhow::ensure!(
-        steps_per_epoch > 0,
-        "an epoch of {} episodes is less than one optimizer step ({per_step} episodes: {k} per step × {} rank(s) with --shard episodes); raise --episodes-per-epoch",
-        c.train.episodes_per_epoch,
-        if plan.shard == ShardMode::Episodes { world.size } else { 1 }
-    );
+    let per_step = c.episodes_per_step_over(world.size);
+    let steps_per_epoch = c.steps_per_epoch(world.size);
     let total = (c.train.epochs * steps_per_epoch).min(max_steps);
     let progress = Progress::new_on(root_rank, total, "train");
     let train_cfg = loader_config(r, c.data.train_aug);
@@ -386,9 +425,25 @@ pub fn train(
         checkpoint::save(out, vs, opt, &state, c.train.keep_checkpoints as usize).map(Some)
     };
 
+    // Stopped by a signal: checkpoint where the run stands, every rank agreeing.
+    let stop_at = |vs: &VarStore,
+                   opt: &optim::Optimizer,
+                   summary: &mut TrainSummary,
+                   at: Position,
+                   scaler: &GradScaler|
+     -> Result<()> {
+        progress.finish();
+        let dir = checkpoint_at(vs, opt, summary, at, scaler)?;
+        comm.barrier()?;
+        summary.preempted = Some(dir.unwrap_or_else(|| out.join(checkpoint::DIR)));
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(())
+    };
+
     'epochs: for epoch in first_epoch..c.train.epochs {
         let skip = std::mem::take(&mut done_in_epoch);
-        let steps = steps_per_epoch.min(skip + (max_steps - summary.steps));
+        let steps =
+            steps_per_epoch.min(skip.saturating_add(max_steps.saturating_sub(summary.steps)));
         // This rank's episodes of the epoch, in the order its steps take them.
         let order: Vec<u64> = (0..steps)
             .flat_map(|s| {
@@ -414,14 +469,31 @@ pub fn train(
                 epoch,
                 order[next..].to_vec(),
             );
+            if world.size == 1 {
+                // Alone, a signal may end a wait for images at once. Under MPI every rank must
+                // stop after the same step, so the ranks agree on it after each step instead
+                // (and the collective watchdog ends a rank stuck in its loader).
+                loader = loader.interrupted_by(stop.flag());
+            }
             while next < order.len() && plan.slice() == slice {
                 if let Some(p) = profiler.as_mut() {
                     p.begin_step(summary.steps + 1);
                     p.enter(Phase::Data);
                 }
-                let episodes: Vec<data::LoadedEpisode> = (0..k)
+                let loaded: Result<Vec<data::LoadedEpisode>, _> = (0..k)
                     .map(|_| loader.next().expect("the order holds whole steps"))
-                    .collect::<Result<_, _>>()?;
+                    .collect();
+                if let Err(data::DataError::Interrupted) = loaded {
+                    let at = Position {
+                        epoch,
+                        steps_in_epoch: (next / k as usize) as u64,
+                        validated: false,
+                        micro_steps: plan.micro_steps,
+                    };
+                    stop_at(&vs, &opt, &mut summary, at, &scaler)?;
+                    return Ok(summary);
+                }
+                let episodes = loaded?;
                 next += k as usize;
                 let sink: &mut dyn PhaseSink = match profiler.as_mut() {
                     Some(p) => p,
@@ -450,8 +522,9 @@ pub fn train(
                 )
                 .with_context(|| {
                     format!(
-                        "optimizer step {} (epoch {epoch}); the last checkpoint is kept",
-                        summary.steps + 1
+                        "optimizer step {} (epoch {epoch}){}",
+                        summary.steps + 1,
+                        checkpoint::what_is_kept(out)
                     )
                 })?;
                 summary.steps += 1;
@@ -499,11 +572,7 @@ pub fn train(
                     micro_steps: plan.micro_steps,
                 };
                 if stop.requested(comm)? {
-                    progress.finish();
-                    let dir = checkpoint_at(&vs, &opt, &summary, at, &scaler)?;
-                    comm.barrier()?;
-                    summary.preempted = Some(dir.unwrap_or_else(|| out.join(checkpoint::DIR)));
-                    summary.seconds = started.elapsed().as_secs_f64();
+                    stop_at(&vs, &opt, &mut summary, at, &scaler)?;
                     return Ok(summary);
                 }
                 if c.train.checkpoint_every > 0
@@ -594,13 +663,20 @@ pub fn train(
     if root_rank {
         if let Some(m) = profiler.as_ref().and_then(MemoryProfiler::last) {
             progress.println(&crate::memory::profiler::table(m, meter));
-            crate::memory::profiler::write_report(m, meter, &format!("{device:?}"), out)?;
+            if let Err(e) =
+                crate::memory::profiler::write_report(m, meter, &format!("{device:?}"), out)
+            {
+                tracing::warn!("memory report not written: {e:#}");
+            }
         }
-        plot::plot_curves(
+        // A picture is a convenience: failing to draw it must not fail the run.
+        if let Err(e) = plot::plot_curves(
             &curves,
             &format!("{} {:?}", c.model.method.official_name(), c.model.backbone),
             &out.join("curves.png"),
-        )?;
+        ) {
+            tracing::warn!("curves.png not drawn: {e:#}");
+        }
     }
     // Every rank needs the best weights for the distributed test: rank 0 wrote them.
     comm.barrier()?;

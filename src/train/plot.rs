@@ -62,19 +62,37 @@ impl Curves {
     }
 }
 
+/// Values beyond this are not drawn: a loss that large means the run diverged, and an axis
+/// spanning ±f64::MAX has an infinite width.
+const DRAWABLE: f64 = 1e30;
+
+/// The points that can be drawn: NaN, infinite or astronomically large values (a diverged fp16
+/// run logs them) would make the axis range NaN or infinitely wide, and plotters then loops
+/// forever over its tick marks.
+fn finite(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    points
+        .iter()
+        .copied()
+        .filter(|(x, y)| x.abs() <= DRAWABLE && y.abs() <= DRAWABLE)
+        .collect()
+}
+
+/// Axis ranges that hold `points` (finite ones only), padded; always finite and non-empty.
 fn range(points: &[(f64, f64)], pad: f64) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+    let points = finite(points);
+    if points.is_empty() {
+        return (0.0..1.0, 0.0..1.0);
+    }
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
+    for &(x, y) in &points {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
         y1 = y1.max(y);
     }
-    if points.is_empty() {
-        return (0.0..1.0, 0.0..1.0);
-    }
     let dy = ((y1 - y0) * pad).max(y1.abs() * pad).max(1e-6);
-    (x0..x1.max(x0 + 1.0), (y0 - dy)..(y1 + dy))
+    let x_end = if x1 > x0 { x1 } else { x0 + 1.0 };
+    (x0..x_end, (y0 - dy)..(y1 + dy))
 }
 
 /// Draws `curves` to `path` (PNG, 1200×450), written atomically.
@@ -88,10 +106,16 @@ pub fn plot_curves(curves: &Curves, title: &str, path: &Path) -> Result<()> {
             .map_err(|e| anyhow!("{e}"))?;
         let (left, right) = root.split_horizontally(600);
 
-        let (xr, yr) = range(&curves.loss, 0.05);
+        let loss = finite(&curves.loss);
+        let (xr, yr) = range(&loss, 0.05);
+        let caption = if loss.is_empty() && !curves.loss.is_empty() {
+            "training loss: no finite values to draw (the run diverged)"
+        } else {
+            "training loss"
+        };
         let mut chart = ChartBuilder::on(&left)
             .margin(12)
-            .caption("training loss", ("sans-serif", 16))
+            .caption(caption, ("sans-serif", 16))
             .x_label_area_size(36)
             .y_label_area_size(56)
             .build_cartesian_2d(xr, yr)
@@ -103,7 +127,7 @@ pub fn plot_curves(curves: &Curves, title: &str, path: &Path) -> Result<()> {
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
         chart
-            .draw_series(LineSeries::new(curves.loss.iter().copied(), &BLUE))
+            .draw_series(LineSeries::new(loss.iter().copied(), &BLUE))
             .map_err(|e| anyhow!("{e}"))?;
 
         let all: Vec<_> = curves
@@ -134,8 +158,8 @@ pub fn plot_curves(curves: &Curves, title: &str, path: &Path) -> Result<()> {
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
         for (series, color, label) in [
-            (&curves.train_acc, RED, "train"),
-            (&curves.val_acc, GREEN, "validation"),
+            (&finite(&curves.train_acc), RED, "train"),
+            (&finite(&curves.val_acc), GREEN, "validation"),
         ] {
             chart
                 .draw_series(LineSeries::new(
@@ -158,4 +182,32 @@ pub fn plot_curves(curves: &Curves, title: &str, path: &Path) -> Result<()> {
         root.present().map_err(|e| anyhow!("{e}"))?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curves_of_nan_and_extreme_values_plot_without_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        for loss in [
+            vec![(1.0, f64::NAN), (2.0, f64::NAN)],
+            vec![(1.0, f64::INFINITY), (2.0, f64::NEG_INFINITY)],
+            vec![(1.0, f64::MAX), (2.0, -f64::MAX)],
+            vec![(1.0, 0.5)],
+        ] {
+            let (xr, yr) = range(&loss, 0.05);
+            assert!(xr.start < xr.end && xr.start.is_finite() && xr.end.is_finite());
+            assert!(yr.start < yr.end && yr.start.is_finite() && yr.end.is_finite());
+            let curves = Curves {
+                loss,
+                train_acc: vec![(0.0, f64::NAN)],
+                val_acc: vec![(0.0, 20.0)],
+            };
+            let path = dir.path().join("curves.png");
+            plot_curves(&curves, "t", &path).unwrap();
+            assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        }
+    }
 }

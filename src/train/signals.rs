@@ -26,6 +26,11 @@ impl StopFlag {
         Ok(Self { flag, ids })
     }
 
+    /// The flag itself, for waits that must give up when a signal arrives (the loader).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.flag)
+    }
+
     /// Whether to stop now: a signal reached this rank or (under MPI) any rank.
     pub fn requested(&self, comm: &dyn Communicator) -> Result<bool> {
         let here = self.flag.load(Ordering::Relaxed);

@@ -19,6 +19,7 @@ use tch::Tensor;
 use crate::dist::Communicator;
 use crate::memory::{Phase, PhaseSink};
 use crate::model::{self, BnMode, FewShotModel, HeadOutput};
+use crate::oom::catch as guard_oom;
 
 /// `n` items in `g` contiguous groups whose sizes differ by at most one, larger groups first.
 pub fn balanced_groups(n: i64, g: i64) -> Vec<Range<i64>> {
@@ -266,7 +267,12 @@ pub fn forward_backward_sharded(
             model.head_part(&emb, queries.clone(), rank == 0)
         };
         phases.enter(Phase::Backward);
-        scaled(&out.loss, opts.loss_scale).backward();
+        let loss = scaled(&out.loss, opts.loss_scale);
+        // A rank with no queries of its own (more ranks than queries) and no VIC term has a
+        // constant loss: it adds nothing to dL/dE, which stays zero for it below.
+        if loss.requires_grad() {
+            loss.backward();
+        }
         Ok(out)
     });
     let out = match head {
@@ -283,6 +289,11 @@ pub fn forward_backward_sharded(
     ];
     if !fast {
         let grad = emb.grad();
+        let grad = if grad.defined() {
+            grad
+        } else {
+            emb.zeros_like()
+        };
         if w > 1 {
             phases.enter(Phase::Communication);
             comm.all_reduce_sum(&[grad.shallow_clone()])?;
@@ -323,34 +334,6 @@ fn simulated_oom(x: &Tensor, g: &Range<i64>, limit: Option<u64>) -> Result<(), S
         ));
     }
     Ok(())
-}
-
-/// Runs `f`, turning an out-of-memory failure of libtorch (a panic in tch) into `Err`. Any
-/// other panic continues unwinding.
-fn guard_oom<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            if is_oom_message(&msg) {
-                Err(msg.lines().next().unwrap_or("out of memory").to_owned())
-            } else {
-                std::panic::resume_unwind(payload)
-            }
-        }
-    }
-}
-
-/// libtorch's out-of-memory messages (CUDA caching allocator, CPU allocator).
-pub fn is_oom_message(msg: &str) -> bool {
-    let m = msg.to_ascii_lowercase();
-    m.contains("out of memory")
-        || m.contains("can't allocate memory")
-        || m.contains("not enough memory")
 }
 
 /// Backpropagates `seed` = dL/d(embedding of `x`) through the backbone one segment at a time:
