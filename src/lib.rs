@@ -32,9 +32,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => (args.to_config()?, None),
             };
             let resolved = config.resolve()?;
+            // A fresh run says where its weights start (a ResNet must; see config::Start).
+            let start = match resume {
+                None => Some(resolved.start()?),
+                Some(_) => None,
+            };
+            let about = config::start::summary(&resolved, start.as_ref());
             if args.dry_run {
+                about.iter().for_each(|l| println!("# {l}"));
                 print!("{}", resolved.config.to_toml());
                 return Ok(ExitCode::SUCCESS);
+            }
+            about.iter().for_each(|l| tracing::info!("{l}"));
+            if let Some(config::Start::RandomAsked { warning }) = &start {
+                tracing::warn!("{warning}");
             }
             let dumps = train::Dumps {
                 params: args.dump_params.clone(),
@@ -163,6 +174,13 @@ fn on_every_rank(
 fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
     let (mut config, weights) = match &args.run {
         Some(run) => {
+            if let Some(official) = &args.overrides.official {
+                anyhow::bail!(
+                    "--run {} and --official {} both name the weights to test; pass one: --run for the run's best weights, --official for an official state_dict (with the model from the flags or --config)",
+                    run.display(),
+                    official.display()
+                );
+            }
             let config_file = run.join(train::CONFIG_FILE);
             let weights = run.join(train::BEST_WEIGHTS);
             anyhow::ensure!(
@@ -174,6 +192,11 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
             );
             let mut config = config::RunConfig::from_file(&config_file)?;
             config.run.output = run.clone();
+            if let Some(b) = train::checkpoint::legacy_backbone(run) {
+                config.model.backbone = b;
+            }
+            // The run's weights replace whatever it started from.
+            (config.model.pretrained, config.model.official) = (None, None);
             (config, Some(weights))
         }
         None => {
@@ -190,10 +213,7 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
     let root = train::dataset_root(&resolved)?;
     let mut built = train::build(&resolved)?;
     if let Some(weights) = weights {
-        built
-            .vs
-            .load(&weights)
-            .map_err(|e| anyhow::anyhow!("{} does not fit this model: {e}", weights.display()))?;
+        model::load_checked(&mut built.vs, &weights, model::WeightsSource::Run)?;
     }
     on_every_rank(&resolved, |comm| {
         let device = comm.world().device_for(resolved.device);
