@@ -3,8 +3,8 @@
 //! load into `TvResNet18` / `FetiResNet18`, and our forward then equals torchvision's / the
 //! official `ResNet`'s forward on the same input, in eval and in train mode.
 //!
-//! The fixtures (tests/fixtures/{tv,feti}-resnet18-64.safetensors, made by
-//! tests/fixtures/make_pretrained_fixtures.py with torch 2.11 + torchvision 0.26 and the official
+//! The fixtures (tests/fixtures/pretrained/{tv,feti}-resnet18-64.safetensors, made by
+//! tests/fixtures/pretrained/make_fixtures.py with torch 2.11 + torchvision 0.26 and the official
 //! backbone.py) hold the input, the expected features and the state_dict's names, shapes and
 //! dtypes as torchvision / the official module produced them — not the 44.7 MB of weights. The
 //! weights are a counter hash (splitmix64) turned into exact float32 values by integer and
@@ -23,7 +23,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+        .join("tests/fixtures/pretrained")
         .join(name)
 }
 
