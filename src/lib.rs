@@ -43,6 +43,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", resolved.config.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
+            if let Some(s) = &start {
+                s.check_file()?;
+            }
             about.iter().for_each(|l| tracing::info!("{l}"));
             if let Some(config::Start::RandomAsked { warning }) = &start {
                 tracing::warn!("{warning}");

@@ -160,6 +160,24 @@ fn official_resnet_names_mean_the_official_networks_and_say_their_start() {
             && all.contains("backbone = \"FetiResNet34\""),
         "{all}"
     );
+    // A file that is not there stops the run before any work (the dry run does not open it).
+    let o = fsct(
+        &[
+            "train",
+            "--backbone",
+            "ResNet18",
+            "--pretrained",
+            "nosuch.safetensors",
+            "--output",
+            "o",
+        ],
+        d,
+    );
+    assert_user_error(
+        &o,
+        &["nosuch.safetensors is not a file", "--pretrained none"],
+    );
+    assert!(!d.join("o").exists(), "nothing written");
     // Conv backbones have no pretrained weights.
     let o = fsct(
         &[

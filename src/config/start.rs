@@ -33,6 +33,33 @@ impl Start<'_> {
     }
 }
 
+impl Start<'_> {
+    /// The start's file is there: checked before any work (`--dry-run` does not need it).
+    pub fn check_file(&self) -> Result<(), ConfigError> {
+        let (key, path, fix) = match self {
+            Start::Pretrained(p) => (
+                "pretrained",
+                p,
+                "make it with the one-line conversion in the README (\"Pretrained weights\"), or pass --pretrained none for random weights",
+            ),
+            Start::Official(p) => (
+                "official",
+                p,
+                "pass an official state_dict saved as safetensors (README, \"Pretrained weights\", shows the conversion)",
+            ),
+            _ => return Ok(()),
+        };
+        if path.is_file() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                key,
+                message: format!("{} is not a file; {fix}", path.display()),
+            })
+        }
+    }
+}
+
 impl Resolved {
     /// The start of a fresh training run, or the refusal of an undecided one (resumed runs
     /// and `test` take their weights from elsewhere and do not ask).

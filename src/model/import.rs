@@ -183,13 +183,14 @@ pub fn load_checked(
             });
         }
     }
-    let all = Tensor::read_safetensors(path).map_err(|e| {
-        let hint = match source {
-            WeightsSource::Run => "",
-            _ => " (a safetensors file is needed: convert a PyTorch .pt/.pth/.tar as the README's \"Pretrained weights\" shows)",
-        };
-        read_err(path, format!("{e}{hint}"))
-    })?;
+    let hint = match source {
+        WeightsSource::Run => "",
+        _ => " (a safetensors file is needed: convert a PyTorch .pt/.pth/.tar as the README's \"Pretrained weights\" shows)",
+    };
+    if !path.is_file() {
+        return Err(read_err(path, format!("not a file{hint}")));
+    }
+    let all = Tensor::read_safetensors(path).map_err(|e| read_err(path, format!("{e}{hint}")))?;
     let (named, mut skipped) = match source {
         WeightsSource::Run => (
             all.into_iter()
