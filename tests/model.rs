@@ -591,3 +591,41 @@ fn pretrained_weights_are_checked_against_the_layout_and_depth() {
     let err = load_checked(&mut vs, &tv18, WeightsSource::Pretrained(Backbone::Conv4)).unwrap_err();
     assert!(err.to_string().contains("applies to ResNets only"), "{err}");
 }
+
+#[test]
+fn an_official_feti0_checkpoint_without_backbone_loads_over_pretrained_weights() {
+    // The official torchvision backbone is not an nn.Module, so its checkpoints hold the head
+    // only; with the backbone from --pretrained that is a complete start.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("official.safetensors");
+    let mut cfg = ModelConfig::new(Method::FsctCosine, Backbone::TvResNet18, 2, 1, 1, 32);
+    (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 4, 8);
+    let vs_a = nn::VarStore::new(Device::Cpu);
+    FewShotModel::new(&vs_a.root(), &cfg).unwrap();
+    let head: Vec<(String, Tensor)> = vs_a
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("feature."))
+        .collect();
+    Tensor::write_safetensors(&head, &file).unwrap();
+    let mut vs_b = nn::VarStore::new(Device::Cpu);
+    FewShotModel::new(&vs_b.root(), &cfg).unwrap();
+    let alone = WeightsSource::Official {
+        backbone_loaded: false,
+    };
+    let msg = load_checked(&mut vs_b, &file, alone)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("holds no backbone") && msg.contains("--pretrained FILE too"),
+        "{msg}"
+    );
+    let over = WeightsSource::Official {
+        backbone_loaded: true,
+    };
+    let report = load_checked(&mut vs_b, &file, over).unwrap();
+    assert_eq!(report.loaded.len(), head.len());
+    for (k, v) in &head {
+        assert!(v.equal(&vs_b.variables()[k]), "{k}");
+    }
+}
