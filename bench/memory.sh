@@ -30,7 +30,7 @@ for s in $settings; do
   [ "$ckpt" = on ] && flags+=(--checkpoint-activations)
   common=(--dataset "$work/ds" --backbone "$backbone" --image-size "$size" --n-way 5 --k-shot 5
           --n-query 16 --max-steps 2 --epochs 1 --episodes-per-epoch 2
-          --val-episodes 1 --test-iter 1 --workers 2 "${flags[@]}")
+          --val-episodes 1 --test-iter 1 --workers 2 --pretrained none "${flags[@]}")
   # Whole-process peak: a run without --memory-report (its per-phase peak resets would hide
   # the process maximum from getrusage).
   /usr/bin/time -f '%M' -o "$work/maxrss" "$bin" train "${common[@]}" --output "$work/plain" >/dev/null 2>"$work/log" \

@@ -113,7 +113,7 @@ fn main() {
             steps: if quick { 2 } else { 5 },
         },
         Case {
-            backbone: Backbone::ResNet34,
+            backbone: Backbone::FetiResNet34,
             name: "ResNet34",
             size: 112,
             steps: if quick { 1 } else { 2 },

@@ -115,8 +115,9 @@ pub struct RunArgs {
     pub method: Option<Method>,
     #[arg(long, value_enum)]
     pub backbone: Option<Backbone>,
-    /// Official flag: 1 = FETI-style ResNet (5×5 stem), 0 = torchvision-layout ResNet.
-    #[arg(long = "FETI", value_parser = parse_flag01)]
+    /// Official flag: the ResNet layout. 1 = FETI (5×5 stem, no max-pool), 0 = torchvision
+    /// (7×7 stem + max-pool; the official default for ResNet12/18/34).
+    #[arg(long = "FETI", alias = "feti", value_parser = parse_flag01)]
     pub feti: Option<bool>,
     #[arg(long = "n-way", alias = "n_way")]
     pub n_way: Option<i64>,
@@ -204,7 +205,8 @@ pub struct RunArgs {
     /// Optimizer step every K episodes (their gradients averaged).
     #[arg(long = "episodes-per-step", alias = "episodes_per_step")]
     pub episodes_per_step: Option<u64>,
-    /// Local torchvision ResNet weights (safetensors).
+    /// Initial ResNet weights: a local safetensors file (torchvision's resnet18/34 state_dict
+    /// for TvResNet*, the FETI checkpoint's for FetiResNet*), or `none` for random weights.
     #[arg(long)]
     pub pretrained: Option<PathBuf>,
     #[arg(long = "freeze-backbone")]
@@ -275,8 +277,8 @@ impl RunArgs {
         set(&mut c.model.lambda_v, &self.lambda_v);
         set(&mut c.model.lambda_c, &self.lambda_c);
         set(&mut c.model.fp32_modules, &self.fp32_modules);
-        if self.pretrained.is_some() {
-            c.model.pretrained = self.pretrained.clone();
+        if let Some(p) = &self.pretrained {
+            c.model.pretrained = Some(p.clone().into());
         }
         c.model.freeze_backbone |= self.freeze_backbone;
         c.train.checkpoint_activations |= self.checkpoint_activations;
@@ -287,8 +289,9 @@ impl RunArgs {
         if self.official.is_some() {
             c.model.official = self.official.clone();
         }
-        if let Some(feti) = self.feti {
-            c.model.backbone = with_feti(c.model.backbone, feti);
+        // `--backbone` overrides the file's whole choice, its `feti` included.
+        if self.feti.is_some() || self.backbone.is_some() {
+            c.model.feti = self.feti;
         }
         set(&mut c.train.epochs, &self.epochs);
         set(&mut c.train.episodes_per_epoch, &self.episodes_per_epoch);
@@ -314,18 +317,6 @@ impl RunArgs {
         set(&mut c.run.device, &self.device);
         set(&mut c.run.threads, &self.threads);
         set(&mut c.run.output, &self.output);
-    }
-}
-
-/// The official `--FETI` flag picks between the two ResNet layouts of the same depth.
-fn with_feti(b: Backbone, feti: bool) -> Backbone {
-    use Backbone::*;
-    match (b, feti) {
-        (TvResNet18, true) => ResNet18,
-        (TvResNet34, true) => ResNet34,
-        (ResNet18, false) => TvResNet18,
-        (ResNet34, false) => TvResNet34,
-        (other, _) => other,
     }
 }
 
@@ -383,7 +374,10 @@ mod tests {
         let mut c = RunConfig::default();
         a.apply(&mut c);
         assert_eq!(c.model.method, Method::FsctSoftmax);
-        assert_eq!(c.model.backbone, Backbone::TvResNet34);
+        assert_eq!(
+            (c.model.backbone, c.model.feti),
+            (Backbone::ResNet34, Some(false))
+        );
         assert_eq!(
             (c.episode.n_way, c.episode.k_shot, c.episode.n_query),
             (3, 1, 15)

@@ -40,7 +40,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             resolved
                 .config
                 .check_world(dist::launcher_world_size().unwrap_or(1))?;
+            // A fresh run says where its weights start (a ResNet must; see config::Start).
+            let start = match resume {
+                None => Some(resolved.start()?),
+                Some(_) => None,
+            };
+            let about = config::start::summary(&resolved, start.as_ref());
             if args.dry_run {
+                about.iter().for_each(|l| println!("# {l}"));
                 print!("{}", resolved.config.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
@@ -48,7 +55,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 !(args.overwrite && resume.is_some()),
                 "--overwrite starts a new run and --resume continues one; pass only one of them"
             );
-            let start = match &resume {
+            if let Some(s) = &start {
+                s.check_file()?;
+            }
+            about.iter().for_each(|l| tracing::info!("{l}"));
+            if let Some(config::Start::RandomAsked { warning }) = &start {
+                tracing::warn!("{warning}");
+            }
+            let begin = match &resume {
                 Some(ckpt) => train::Start::Resume(ckpt),
                 None => train::Start::Fresh {
                     overwrite: args.overwrite,
@@ -61,7 +75,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut preempted = None;
             on_every_rank(&resolved, |comm| {
-                let summary = train::train(&resolved, &dumps, comm, start)?;
+                let summary = train::train(&resolved, &dumps, comm, begin)?;
                 preempted = summary.preempted;
                 Ok(())
             })?;
@@ -192,6 +206,13 @@ fn on_every_rank(
 fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
     let (mut config, weights) = match &args.run {
         Some(run) => {
+            if let Some(official) = &args.overrides.official {
+                anyhow::bail!(
+                    "--run {} and --official {} both name the weights to test; pass one: --run for the run's best weights, --official for an official state_dict (with the model from the flags or --config)",
+                    run.display(),
+                    official.display()
+                );
+            }
             let config_file = run.join(train::CONFIG_FILE);
             let weights = run.join(train::BEST_WEIGHTS);
             anyhow::ensure!(
@@ -203,6 +224,11 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
             );
             let mut config = config::RunConfig::from_file(&config_file)?;
             config.run.output = run.clone();
+            if let Some(b) = train::checkpoint::legacy_backbone(run) {
+                config.model.backbone = b;
+            }
+            // The run's weights replace whatever it started from.
+            (config.model.pretrained, config.model.official) = (None, None);
             (config, Some(weights))
         }
         None => {
@@ -219,10 +245,7 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
     let root = train::dataset_root(&resolved)?;
     let mut built = train::build(&resolved)?;
     if let Some(weights) = weights {
-        built
-            .vs
-            .load(&weights)
-            .map_err(|e| anyhow::anyhow!("{} does not fit this model: {e}", weights.display()))?;
+        model::load_checked(&mut built.vs, &weights, model::WeightsSource::Run)?;
     }
     on_every_rank(&resolved, |comm| {
         // test.json is written into the run folder: not while a training run writes there.

@@ -4,8 +4,8 @@
 
 use fsct_dist::config::{Backbone, Method};
 use fsct_dist::model::{
-    freeze_backbone, labels, load_official, load_torchvision, vic, BnMode, FewShotModel,
-    ModelConfig, ModelError,
+    freeze_backbone, labels, load_checked, load_official, vic, BnMode, FewShotModel, ModelConfig,
+    ModelError, WeightsSource,
 };
 use tch::{nn, Device, Kind, Tensor};
 
@@ -233,19 +233,25 @@ fn backbone_output_shapes() {
         [2, 1024]
     );
     for b in [
-        Backbone::ResNet10,
-        Backbone::ResNet12,
-        Backbone::ResNet18,
-        Backbone::ResNet34,
+        Backbone::FetiResNet10,
+        Backbone::FetiResNet12,
+        Backbone::FetiResNet18,
+        Backbone::FetiResNet34,
     ] {
         assert_eq!(embed_shape(b, fsct, 84), [2, 25088], "{b:?}");
         assert_eq!(embed_shape(b, fsct, 112), [2, 25088], "{b:?}");
     }
     assert_eq!(
-        embed_shape(Backbone::ResNet18, Method::CtxSoftmax, 112),
+        embed_shape(Backbone::FetiResNet18, Method::CtxSoftmax, 112),
         [2, 512, 7, 7]
     );
-    for b in [Backbone::TvResNet18, Backbone::TvResNet34] {
+    // The official names without --FETI are the torchvision layout (official default FETI=0).
+    for b in [
+        Backbone::TvResNet18,
+        Backbone::TvResNet34,
+        Backbone::ResNet18,
+        Backbone::ResNet34,
+    ] {
         assert_eq!(embed_shape(b, fsct, 112), [2, 8192], "{b:?}");
         assert_eq!(embed_shape(b, fsct, 224), [2, 25088], "{b:?}");
     }
@@ -340,8 +346,8 @@ fn load_official_round_trips_and_names_bad_tensors() {
     small_fsct(&vs_c, 16);
     let err = load_official(&mut vs_c, &file).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{msg}");
-    assert!(msg.contains("\"FFN.1.") && msg.contains("[16"), "{msg}");
+    assert!(matches!(err, ModelError::WeightsMismatch { .. }), "{msg}");
+    assert!(msg.contains("FFN.1.") && msg.contains("[16"), "{msg}");
 
     // Another method: missing tensors are named.
     let mut vs_d = nn::VarStore::new(Device::Cpu);
@@ -380,7 +386,7 @@ fn load_official_accepts_the_conv_block_duplicates() {
 }
 
 #[test]
-fn load_torchvision_maps_names_and_skips_fc() {
+fn pretrained_load_maps_torchvision_names_and_skips_fc() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("resnet18.safetensors");
     let cfg = ModelConfig::new(Method::FsctCosine, Backbone::TvResNet18, 2, 1, 1, 64);
@@ -402,7 +408,12 @@ fn load_torchvision_maps_names_and_skips_fc() {
     Tensor::write_safetensors(&tv, &file).unwrap();
     let mut vs_b = nn::VarStore::new(Device::Cpu);
     FewShotModel::new(&vs_b.root(), &cfg).unwrap();
-    let report = load_torchvision(&mut vs_b, &file).unwrap();
+    let report = load_checked(
+        &mut vs_b,
+        &file,
+        WeightsSource::Pretrained(Backbone::TvResNet18),
+    )
+    .unwrap();
     assert_eq!(report.skipped.len(), 2);
     assert!(vs_a.variables()["feature.layer4.1.bn2.running_var"]
         .equal(&vs_b.variables()["feature.layer4.1.bn2.running_var"]));
@@ -460,4 +471,161 @@ fn head_parts_sum_to_the_episode() {
     let loss = (&p1.loss + &p2.loss).double_value(&[]);
     assert!((loss - full.loss.double_value(&[])).abs() < 1e-6);
     assert!(Tensor::cat(&[p1.logits, p2.logits], 0).allclose(&full.logits, 1e-6, 1e-6, false));
+}
+
+#[test]
+fn run_weights_are_checked_for_extra_missing_and_misshapen_tensors() {
+    // tch's VarStore::load, used before for best/last.safetensors, ignored tensors the model
+    // lacks and broadcast shapes it could.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("best.safetensors");
+    let vs_a = nn::VarStore::new(Device::Cpu);
+    small_fsct(&vs_a, 8);
+    let mut named: Vec<(String, Tensor)> = vs_a.variables().into_iter().collect();
+    named.push((
+        "feature.trunk.9.C.weight".into(),
+        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+    ));
+    Tensor::write_safetensors(&named, &file).unwrap();
+    let mut vs_b = nn::VarStore::new(Device::Cpu);
+    small_fsct(&vs_b, 8);
+    let before = vs_b.variables()["feature.trunk.0.C.weight"].copy();
+    let msg = load_checked(&mut vs_b, &file, WeightsSource::Run)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("best.safetensors")
+            && msg.contains("1 tensor(s) the model does not have (feature.trunk.9.C.weight)")
+            && msg.contains("drop the flags"),
+        "{msg}"
+    );
+    assert!(
+        vs_b.variables()["feature.trunk.0.C.weight"].equal(&before),
+        "a refused file leaves the model unchanged"
+    );
+
+    // Every tensor missing: a few names, then a count.
+    let named: Vec<(String, Tensor)> = vec![(
+        "other".into(),
+        Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+    )];
+    Tensor::write_safetensors(&named, &file).unwrap();
+    let msg = load_checked(&mut vs_b, &file, WeightsSource::Run)
+        .unwrap_err()
+        .to_string();
+    let n = vs_b.variables().len();
+    assert!(
+        msg.contains(&format!("{n} tensor(s) the model needs are missing"))
+            && msg.contains(&format!("and {} more", n - 4)),
+        "{msg}"
+    );
+}
+
+/// A torchvision-named state_dict of `backbone` (as a FETI checkpoint when `prefix` is
+/// `module.resnet.`), from a model built here.
+fn backbone_file(backbone: Backbone, prefix: &str, file: &std::path::Path) -> nn::VarStore {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let cfg = ModelConfig::new(Method::ProtoNet, backbone, 2, 1, 1, 32);
+    FewShotModel::new(&vs.root(), &cfg).unwrap();
+    let named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("feature.")
+                .map(|n| (format!("{prefix}{n}"), v))
+        })
+        .collect();
+    Tensor::write_safetensors(&named, file).unwrap();
+    vs
+}
+
+fn load_pretrained(backbone: Backbone, file: &std::path::Path) -> Result<String, String> {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let cfg = ModelConfig::new(Method::ProtoNet, backbone, 2, 1, 1, 32);
+    FewShotModel::new(&vs.root(), &cfg).unwrap();
+    load_checked(&mut vs, file, WeightsSource::Pretrained(backbone))
+        .map(|r| r.warning.unwrap_or_default())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn pretrained_weights_are_checked_against_the_layout_and_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let tv18 = dir.path().join("resnet18.safetensors");
+    backbone_file(Backbone::TvResNet18, "", &tv18);
+    let feti18 = dir.path().join("feti18.safetensors");
+    backbone_file(Backbone::FetiResNet18, "module.resnet.", &feti18);
+
+    // A torchvision file into the FETI layout: the stem says which flag to use.
+    let msg = load_pretrained(Backbone::FetiResNet18, &tv18).unwrap_err();
+    assert!(
+        msg.contains("feature.conv1.weight [64, 3, 7, 7] in the file, [64, 3, 5, 5] in the model")
+            && msg.contains("--FETI 0"),
+        "{msg}"
+    );
+    let msg = load_pretrained(Backbone::TvResNet18, &feti18).unwrap_err();
+    assert!(msg.contains("--FETI 1"), "{msg}");
+    // torchvision's resnet18 for a ResNet34: refused, naming the depths.
+    let msg = load_pretrained(Backbone::TvResNet34, &tv18).unwrap_err();
+    assert!(
+        msg.contains("missing") && msg.contains("(ResNet18)") && msg.contains("(ResNet34)"),
+        "{msg}"
+    );
+    // The FETI checkpoint (a ResNet18) into a FETI ResNet34 or ResNet12: as the official
+    // strict=False load, whole blocks are left out or ignored, and the run says which.
+    let w = load_pretrained(Backbone::FetiResNet34, &feti18).unwrap();
+    assert!(
+        w.contains("layer1.2") && w.contains("keep their random initial weights"),
+        "{w}"
+    );
+    let w = load_pretrained(Backbone::FetiResNet12, &feti18).unwrap();
+    assert!(w.contains("layer2.1") && w.contains("are not used"), "{w}");
+    assert_eq!(
+        load_pretrained(Backbone::FetiResNet18, &feti18).unwrap(),
+        ""
+    );
+
+    // A Conv backbone has no pretrained weights.
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    small_fsct(&vs, 8);
+    let err = load_checked(&mut vs, &tv18, WeightsSource::Pretrained(Backbone::Conv4)).unwrap_err();
+    assert!(err.to_string().contains("applies to ResNets only"), "{err}");
+}
+
+#[test]
+fn an_official_feti0_checkpoint_without_backbone_loads_over_pretrained_weights() {
+    // The official torchvision backbone is not an nn.Module, so its checkpoints hold the head
+    // only; with the backbone from --pretrained that is a complete start.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("official.safetensors");
+    let mut cfg = ModelConfig::new(Method::FsctCosine, Backbone::TvResNet18, 2, 1, 1, 32);
+    (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 4, 8);
+    let vs_a = nn::VarStore::new(Device::Cpu);
+    FewShotModel::new(&vs_a.root(), &cfg).unwrap();
+    let head: Vec<(String, Tensor)> = vs_a
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("feature."))
+        .collect();
+    Tensor::write_safetensors(&head, &file).unwrap();
+    let mut vs_b = nn::VarStore::new(Device::Cpu);
+    FewShotModel::new(&vs_b.root(), &cfg).unwrap();
+    let alone = WeightsSource::Official {
+        backbone_loaded: false,
+    };
+    let msg = load_checked(&mut vs_b, &file, alone)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("holds no backbone") && msg.contains("--pretrained FILE too"),
+        "{msg}"
+    );
+    let over = WeightsSource::Official {
+        backbone_loaded: true,
+    };
+    let report = load_checked(&mut vs_b, &file, over).unwrap();
+    assert_eq!(report.loaded.len(), head.len());
+    for (k, v) in &head {
+        assert!(v.equal(&vs_b.variables()[k]), "{k}");
+    }
 }

@@ -71,6 +71,15 @@ fn config_from_metadata(path: &Path) -> ModelConfig {
         serde_json::from_value(serde_json::Value::String(s("method"))).expect("method");
     let backbone: Backbone =
         serde_json::from_value(serde_json::Value::String(s("backbone"))).expect("backbone");
+    // Fixtures made before the explicit names recorded the FETI ResNets as "ResNet12" etc.
+    let feti = meta
+        .get("official_backbone")
+        .is_some_and(|b| b.contains("FETI=1"));
+    let backbone = if feti {
+        backbone.with_feti(true).expect("a FETI ResNet")
+    } else {
+        backbone
+    };
     let req =
         |k: &str| meta_i64(&meta, k).unwrap_or_else(|| panic!("{path:?}: metadata lacks {k:?}"));
     let mut cfg = ModelConfig::new(

@@ -111,7 +111,7 @@ fn activation_checkpointing_gives_the_same_gradients_and_statistics() {
     for (method, backbone, size) in [
         (Method::FsctCosine, Backbone::Conv4, SIZE),
         (Method::CtxCosine, Backbone::Conv4, SIZE),
-        (Method::FsctCosine, Backbone::ResNet10, 32),
+        (Method::FsctCosine, Backbone::FetiResNet10, 32),
     ] {
         let x = Tensor::randn(
             [N_WAY * (K_SHOT + N_QUERY), 3, size, size],

@@ -44,8 +44,17 @@ impl Method {
     }
 }
 
-/// Feature extractor. `ResNet*` are the FETI-style ResNets (5×5 stride-2 stem, no max-pool,
-/// adaptive pool to 7×7); `TvResNet*` the torchvision layout (7×7 stem + max-pool), trainable.
+/// Feature extractor. The ResNets come in two layouts, as in the official code:
+/// * `TvResNet18/34`: torchvision's layout (7×7 stride-2 stem + max-pool, no pool at the end;
+///   512×7×7 at 224 px), the official `--FETI 0` network, which starts from ImageNet weights;
+/// * `FetiResNet10/12/18/34`: the simple-cnaps layout (5×5 stride-2 stem, no max-pool, adaptive
+///   pool to 7×7), the official `--FETI 1` network, which starts from the FETI checkpoint.
+///
+/// `ResNet12/18/34` are the official names, whose layout the official `--FETI` flag picks (config
+/// key `feti`): [`Backbone::with_feti`], applied by `RunConfig::resolve`, so a resolved config
+/// always names the layout. Without `--FETI 1` they are the torchvision layout (official default
+/// `--FETI 0`; `ResNet12` then becomes torchvision's ResNet18, as the official code does).
+/// `ResNet10` (not in the official code) exists in the FETI layout only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
 pub enum Backbone {
     #[serde(rename = "Conv4", alias = "conv4")]
@@ -58,24 +67,53 @@ pub enum Backbone {
     #[serde(rename = "Conv4SNP", alias = "conv4snp")]
     #[value(name = "Conv4SNP", alias = "conv4snp")]
     Conv4Snp,
-    #[serde(rename = "ResNet10", alias = "resnet10")]
-    #[value(name = "ResNet10", alias = "resnet10")]
-    ResNet10,
+    /// Official name: the layout follows `--FETI` (default: torchvision's ResNet18).
     #[serde(rename = "ResNet12", alias = "resnet12")]
     #[value(name = "ResNet12", alias = "resnet12")]
     ResNet12,
+    /// Official name: the layout follows `--FETI` (default: torchvision).
     #[serde(rename = "ResNet18", alias = "resnet18")]
     #[value(name = "ResNet18", alias = "resnet18")]
     ResNet18,
+    /// Official name: the layout follows `--FETI` (default: torchvision).
     #[serde(rename = "ResNet34", alias = "resnet34")]
     #[value(name = "ResNet34", alias = "resnet34")]
     ResNet34,
+    #[serde(
+        rename = "FetiResNet10",
+        alias = "fetiresnet10",
+        alias = "ResNet10",
+        alias = "resnet10"
+    )]
+    #[value(
+        name = "FetiResNet10",
+        alias = "fetiresnet10",
+        alias = "ResNet10",
+        alias = "resnet10"
+    )]
+    FetiResNet10,
+    #[serde(rename = "FetiResNet12", alias = "fetiresnet12")]
+    #[value(name = "FetiResNet12", alias = "fetiresnet12")]
+    FetiResNet12,
+    #[serde(rename = "FetiResNet18", alias = "fetiresnet18")]
+    #[value(name = "FetiResNet18", alias = "fetiresnet18")]
+    FetiResNet18,
+    #[serde(rename = "FetiResNet34", alias = "fetiresnet34")]
+    #[value(name = "FetiResNet34", alias = "fetiresnet34")]
+    FetiResNet34,
     #[serde(rename = "TvResNet18", alias = "tvresnet18")]
     #[value(name = "TvResNet18", alias = "tvresnet18")]
     TvResNet18,
     #[serde(rename = "TvResNet34", alias = "tvresnet34")]
     #[value(name = "TvResNet34", alias = "tvresnet34")]
     TvResNet34,
+}
+
+/// The two ResNet layouts (see [`Backbone`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResNetLayout {
+    Torchvision,
+    Feti,
 }
 
 impl Backbone {
@@ -88,6 +126,122 @@ impl Backbone {
             Backbone::Conv4 | Backbone::Conv6 => 16,
             Backbone::Conv4Snp => 12,
             _ => 32,
+        }
+    }
+
+    /// The explicit network an official name stands for without `--FETI` (the official
+    /// default `--FETI 0`); explicit names are returned as they are.
+    pub fn explicit(self) -> Backbone {
+        match self {
+            Backbone::ResNet12 | Backbone::ResNet18 => Backbone::TvResNet18,
+            Backbone::ResNet34 => Backbone::TvResNet34,
+            b => b,
+        }
+    }
+
+    /// The layout `--FETI 0|1` asks for, at the same depth. Explicit names are converted too
+    /// (the flag names the layout), except where that layout does not exist.
+    pub fn with_feti(self, feti: bool) -> Result<Backbone, String> {
+        use Backbone::*;
+        Ok(match (self, feti) {
+            (ResNet12 | FetiResNet12, true) => FetiResNet12,
+            (ResNet18 | FetiResNet18 | TvResNet18, true) => FetiResNet18,
+            (ResNet34 | FetiResNet34 | TvResNet34, true) => FetiResNet34,
+            (FetiResNet10, true) => FetiResNet10,
+            (ResNet12 | FetiResNet12 | ResNet18 | FetiResNet18 | TvResNet18, false) => TvResNet18,
+            (ResNet34 | FetiResNet34 | TvResNet34, false) => TvResNet34,
+            (FetiResNet10, false) => {
+                return Err("there is no torchvision ResNet10; use --FETI 1 (or drop --FETI), or --backbone ResNet18".into())
+            }
+            (Conv4 | Conv6 | Conv4Snp, _) => {
+                return Err(format!(
+                    "--FETI picks a ResNet layout and does not apply to {self:?}; drop --FETI (or the config key `feti`)"
+                ))
+            }
+        })
+    }
+
+    /// The layout of an explicit ResNet (None for the Conv backbones).
+    pub fn layout(self) -> Option<ResNetLayout> {
+        match self.explicit() {
+            Backbone::TvResNet18 | Backbone::TvResNet34 => Some(ResNetLayout::Torchvision),
+            Backbone::FetiResNet10
+            | Backbone::FetiResNet12
+            | Backbone::FetiResNet18
+            | Backbone::FetiResNet34 => Some(ResNetLayout::Feti),
+            _ => None,
+        }
+    }
+
+    /// One line on what the network is, for the start-up log and `--dry-run`.
+    pub fn describe(self) -> String {
+        let b = self.explicit();
+        match b.layout() {
+            Some(ResNetLayout::Torchvision) => format!(
+                "{b:?}: torchvision layout (7×7 stride-2 stem + max-pool, no final pool), the official --FETI 0 network"
+            ),
+            Some(ResNetLayout::Feti) => format!(
+                "{b:?}: FETI layout (5×5 stride-2 stem, no max-pool, adaptive pool to 7×7), the official --FETI 1 network"
+            ),
+            None => format!("{b:?}"),
+        }
+    }
+
+    /// The weights the official code starts this ResNet from (None: a Conv backbone, which
+    /// starts from random weights).
+    pub fn official_start(self) -> Option<&'static str> {
+        match self.explicit() {
+            Backbone::TvResNet18 => Some("torchvision's ImageNet weights of resnet18"),
+            Backbone::TvResNet34 => Some("torchvision's ImageNet weights of resnet34"),
+            Backbone::FetiResNet12 | Backbone::FetiResNet18 | Backbone::FetiResNet34 => {
+                Some("the FETI checkpoint (Pretrained_ResNet_FETI.pt.tar)")
+            }
+            // Not in the official code; its layout is the FETI one.
+            Backbone::FetiResNet10 => Some("the FETI checkpoint (Pretrained_ResNet_FETI.pt.tar)"),
+            _ => None,
+        }
+    }
+
+    /// Checkpoints before the torchvision layout became the default recorded the FETI ResNets
+    /// under their official names (`"ResNet34"` was the FETI layout): the explicit backbone a
+    /// recorded name meant, when it is such an old name.
+    pub fn from_legacy_signature(name: &str) -> Option<Backbone> {
+        match name {
+            "ResNet10" => Some(Backbone::FetiResNet10),
+            "ResNet12" => Some(Backbone::FetiResNet12),
+            "ResNet18" => Some(Backbone::FetiResNet18),
+            "ResNet34" => Some(Backbone::FetiResNet34),
+            _ => None,
+        }
+    }
+}
+
+/// `pretrained`: a local weights file, or `none` to start from random weights on purpose.
+/// Unset means "not decided": a ResNet run is refused then (see `Resolved::start`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "std::path::PathBuf", into = "std::path::PathBuf")]
+pub enum Pretrained {
+    /// Random initial weights, asked for explicitly.
+    None,
+    /// A safetensors file: torchvision's resnet18/34 `state_dict` or the FETI checkpoint's.
+    File(std::path::PathBuf),
+}
+
+impl From<std::path::PathBuf> for Pretrained {
+    fn from(p: std::path::PathBuf) -> Self {
+        if p.as_os_str().eq_ignore_ascii_case("none") {
+            Pretrained::None
+        } else {
+            Pretrained::File(p)
+        }
+    }
+}
+
+impl From<Pretrained> for std::path::PathBuf {
+    fn from(p: Pretrained) -> Self {
+        match p {
+            Pretrained::None => "none".into(),
+            Pretrained::File(p) => p,
         }
     }
 }

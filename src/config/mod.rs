@@ -6,6 +6,7 @@
 
 pub mod kinds;
 mod resolve;
+pub mod start;
 
 use std::path::{Path, PathBuf};
 
@@ -13,8 +14,12 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::dist::CommKind;
 pub use crate::train::amp::AmpMode;
-pub use kinds::{Accumulation, Backbone, DatasetName, Method, Optimizer, ShardMode, Split};
+pub use kinds::{
+    Accumulation, Backbone, DatasetName, Method, Optimizer, Pretrained, ResNetLayout, ShardMode,
+    Split,
+};
 pub use resolve::{parse_device, DatasetSource, Resolved};
+pub use start::Start;
 
 /// Everything a run can be told, in TOML sections. Unknown keys are errors (typos fail loudly).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -84,7 +89,12 @@ impl Default for EpisodeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     pub method: Method,
+    /// `ResNet12/18/34` are resolved to their layout by `feti` (see [`Backbone`]); the
+    /// effective config always holds the explicit name (`TvResNet34`, `FetiResNet34`, ...).
     pub backbone: Backbone,
+    /// The official `--FETI` flag: true = the FETI ResNet layout, false = torchvision's. Unset =
+    /// the official default (torchvision) for `ResNet12/18/34`; explicit names keep theirs.
+    pub feti: Option<bool>,
     /// Transformer blocks (the official code reuses one block's weights at every depth).
     pub depth: i64,
     pub heads: i64,
@@ -96,8 +106,11 @@ pub struct ModelSection {
     pub lambda_i: f64,
     pub lambda_v: f64,
     pub lambda_c: f64,
-    /// Local torchvision ResNet weights (safetensors with torchvision names); nothing is downloaded.
-    pub pretrained: Option<PathBuf>,
+    /// Initial ResNet weights, a local safetensors file (torchvision's resnet18/34 `state_dict`
+    /// for `TvResNet*`, the FETI checkpoint's for `FetiResNet*`; nothing is downloaded), or
+    /// "none" for random weights. A ResNet run must say which (the official code always starts
+    /// from pretrained weights); Conv backbones take none.
+    pub pretrained: Option<Pretrained>,
     /// Keep backbone weights fixed (only the head trains).
     pub freeze_backbone: bool,
     /// FS-CT modules kept in fp32 under --amp (official names): `ATTN`, `FFN`, `linear`.
@@ -111,6 +124,7 @@ impl Default for ModelSection {
         Self {
             method: Method::FsctCosine,
             backbone: Backbone::Conv4,
+            feti: None,
             depth: 1,
             heads: 8,
             dim_head: 64,

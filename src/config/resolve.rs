@@ -52,6 +52,15 @@ impl RunConfig {
     /// Applies the official dataset defaults and the auto rules, then validates every value.
     pub fn resolve(&self) -> Result<Resolved, ConfigError> {
         let mut c = self.clone();
+        // The official `--FETI` picks the ResNet layout; afterwards the name alone says it.
+        if let Some(feti) = c.model.feti.take() {
+            c.model.backbone = c
+                .model
+                .backbone
+                .with_feti(feti)
+                .map_err(|m| invalid("feti", m))?;
+        }
+        c.model.backbone = c.model.backbone.explicit();
         let named = parse_dataset_name(&c.data.dataset);
         let dataset = match named {
             Some(DatasetName::Synthetic) => DatasetSource::Builtin(c.data.root.join("synthetic")),
@@ -494,6 +503,7 @@ mod tests {
         .resolve()
         .unwrap();
         assert_eq!(r.config.data.image_size, 112);
+        assert_eq!(r.config.model.backbone, Backbone::TvResNet34);
         let r = with(|c| c.data.dataset = "Omniglot".into())
             .resolve()
             .unwrap();
@@ -510,11 +520,48 @@ mod tests {
     }
 
     #[test]
+    fn official_resnet_names_follow_feti() {
+        let resolve = |b: Backbone, feti: Option<bool>| {
+            with(|c| (c.model.backbone, c.model.feti) = (b, feti)).resolve()
+        };
+        use Backbone::*;
+        for (b, feti, want) in [
+            (ResNet34, None, TvResNet34),
+            (ResNet34, Some(false), TvResNet34),
+            (ResNet34, Some(true), FetiResNet34),
+            (ResNet18, None, TvResNet18),
+            (ResNet18, Some(true), FetiResNet18),
+            // As the official code: torchvision has no ResNet12, ResNet18 instead.
+            (ResNet12, None, TvResNet18),
+            (ResNet12, Some(true), FetiResNet12),
+            (TvResNet34, Some(true), FetiResNet34),
+            (FetiResNet34, Some(false), TvResNet34),
+            (FetiResNet34, None, FetiResNet34),
+            (FetiResNet10, None, FetiResNet10),
+        ] {
+            let r = resolve(b, feti).unwrap();
+            assert_eq!(r.config.model.backbone, want, "{b:?} FETI {feti:?}");
+            assert_eq!(r.config.model.feti, None, "the name alone says the layout");
+        }
+        for (b, feti) in [(FetiResNet10, false), (Conv4, true)] {
+            match resolve(b, Some(feti)) {
+                Err(ConfigError::Invalid {
+                    key: "feti",
+                    message,
+                }) => {
+                    assert!(message.contains("--FETI"), "{message}")
+                }
+                other => panic!("{b:?} --FETI {feti}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn auto_micro_steps_follow_the_documented_rule() {
         assert_eq!(micro_steps(0, Backbone::Conv4), 2);
-        assert_eq!(micro_steps(0, Backbone::ResNet34), 4);
+        assert_eq!(micro_steps(0, Backbone::FetiResNet34), 4);
         assert_eq!(micro_steps(0, Backbone::TvResNet18), 4);
-        assert_eq!(micro_steps(3, Backbone::ResNet34), 3);
+        assert_eq!(micro_steps(3, Backbone::FetiResNet34), 3);
         assert_eq!(RunConfig::default().resolve().unwrap().micro_steps, 1);
     }
 }

@@ -1,5 +1,5 @@
-//! Feature extractors: the official Conv4/Conv6/Conv4SNP, the FETI-style ResNets and the
-//! torchvision-layout ResNets. Every variable lives under `feature.` with the official names.
+//! Feature extractors: the official Conv4/Conv6/Conv4SNP, the FETI-layout ResNets (official
+//! `--FETI 1`) and the torchvision-layout ResNets (official `--FETI 0`). Every variable lives under `feature.` with the official names.
 
 use tch::{nn, Tensor};
 
@@ -186,6 +186,7 @@ fn conv_out(s: i64, k: i64, stride: i64, pad: i64) -> i64 {
 /// an empty map.
 pub fn output_shape(backbone: Backbone, s: i64) -> Option<[i64; 3]> {
     let ok = |v: i64| (v >= 1).then_some(v);
+    let backbone = backbone.explicit();
     let conv_side = |depth: usize, snp: bool| -> Option<i64> {
         let mut v = s;
         for i in 0..depth {
@@ -205,14 +206,21 @@ pub fn output_shape(backbone: Backbone, s: i64) -> Option<[i64; 3]> {
         Backbone::Conv4 => conv_side(4, false).map(|v| [64, v, v]),
         Backbone::Conv6 => conv_side(6, false).map(|v| [64, v, v]),
         Backbone::Conv4Snp => conv_side(4, true).map(|v| [64, v, v]),
-        Backbone::ResNet10 | Backbone::ResNet12 | Backbone::ResNet18 | Backbone::ResNet34 => {
+        Backbone::FetiResNet10
+        | Backbone::FetiResNet12
+        | Backbone::FetiResNet18
+        | Backbone::FetiResNet34 => {
             let mut v = ok(conv_out(s, 5, 2, 1))?;
             for _ in 0..3 {
                 v = ok(conv_out(v, 3, 2, 1))?;
             }
             Some([512, 7, 7]).filter(|_| v >= 1)
         }
-        Backbone::TvResNet18 | Backbone::TvResNet34 => {
+        Backbone::TvResNet18
+        | Backbone::TvResNet34
+        | Backbone::ResNet12
+        | Backbone::ResNet18
+        | Backbone::ResNet34 => {
             let mut v = ok(conv_out(s, 7, 2, 3))?;
             v = ok(conv_out(v, 3, 2, 1))?;
             for _ in 0..3 {
@@ -225,7 +233,9 @@ pub fn output_shape(backbone: Backbone, s: i64) -> Option<[i64; 3]> {
 
 impl FeatureNet {
     /// Builds the backbone under `p` (the caller passes `root / "feature"`).
+    /// The official names `ResNet12/18/34` build their `--FETI 0` network ([`Backbone::explicit`]).
     pub fn new(p: &nn::Path, backbone: Backbone, image_size: i64) -> Result<Self, ModelError> {
+        let backbone = backbone.explicit();
         let out_shape = output_shape(backbone, image_size).ok_or(ModelError::ImageTooSmall {
             backbone,
             image_size,
@@ -259,14 +269,14 @@ impl FeatureNet {
             Backbone::Conv4 => conv(4, false),
             Backbone::Conv6 => conv(6, false),
             Backbone::Conv4Snp => conv(4, true),
-            Backbone::ResNet10 => Net::ResNet(ResNet::new(p, [1, 1, 1, 1], ResNetStem::Feti)),
-            Backbone::ResNet12 => Net::ResNet(ResNet::new(p, [2, 1, 1, 1], ResNetStem::Feti)),
-            Backbone::ResNet18 => Net::ResNet(ResNet::new(p, [2, 2, 2, 2], ResNetStem::Feti)),
-            Backbone::ResNet34 => Net::ResNet(ResNet::new(p, [3, 4, 6, 3], ResNetStem::Feti)),
-            Backbone::TvResNet18 => {
+            Backbone::FetiResNet10 => Net::ResNet(ResNet::new(p, [1, 1, 1, 1], ResNetStem::Feti)),
+            Backbone::FetiResNet12 => Net::ResNet(ResNet::new(p, [2, 1, 1, 1], ResNetStem::Feti)),
+            Backbone::FetiResNet18 => Net::ResNet(ResNet::new(p, [2, 2, 2, 2], ResNetStem::Feti)),
+            Backbone::FetiResNet34 => Net::ResNet(ResNet::new(p, [3, 4, 6, 3], ResNetStem::Feti)),
+            Backbone::TvResNet18 | Backbone::ResNet12 | Backbone::ResNet18 => {
                 Net::ResNet(ResNet::new(p, [2, 2, 2, 2], ResNetStem::Torchvision))
             }
-            Backbone::TvResNet34 => {
+            Backbone::TvResNet34 | Backbone::ResNet34 => {
                 Net::ResNet(ResNet::new(p, [3, 4, 6, 3], ResNetStem::Torchvision))
             }
         };

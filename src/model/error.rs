@@ -20,27 +20,19 @@ pub enum ModelError {
     #[error("cannot read {path:?}: {msg}")]
     Read { path: PathBuf, msg: String },
 
-    #[error("{path:?} lacks {count} tensor(s) the model needs, e.g. {names:?}; is it a checkpoint of this method/backbone (and, for official files, saved with the official state_dict names)?")]
-    MissingTensors {
+    #[error("{path:?} does not fit this model: {}; {fix}", mismatch_summary(.missing, .extra, .shapes))]
+    WeightsMismatch {
         path: PathBuf,
-        count: usize,
-        names: Vec<String>,
+        /// Model variables the file lacks.
+        missing: Vec<String>,
+        /// File tensors the model does not have (file names).
+        extra: Vec<String>,
+        shapes: Vec<ShapeDiff>,
+        fix: String,
     },
 
-    #[error("{path:?} has {count} tensor(s) this model does not have, e.g. {names:?}; it is probably a checkpoint of another method or backbone")]
-    UnexpectedTensors {
-        path: PathBuf,
-        count: usize,
-        names: Vec<String>,
-    },
-
-    #[error("tensor {name:?} in {path:?} has shape {got:?} but the model expects {expected:?}; check --method, --backbone, n_way/k_shot and the head sizes (heads, dim_head, mlp_dim, dim_attn, image size)")]
-    ShapeMismatch {
-        path: PathBuf,
-        name: String,
-        expected: Vec<i64>,
-        got: Vec<i64>,
-    },
+    #[error("{path:?}: --pretrained applies to ResNets only ({backbone:?} starts from random weights, as in the official code); drop --pretrained")]
+    PretrainedNotResNet { path: PathBuf, backbone: Backbone },
 
     #[error("copying {name:?} from {path:?}: {msg}")]
     Copy {
@@ -48,4 +40,53 @@ pub enum ModelError {
         name: String,
         msg: String,
     },
+}
+
+/// A tensor whose shape in the file differs from the model's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapeDiff {
+    /// The model's name for it.
+    pub name: String,
+    pub file: Vec<i64>,
+    pub model: Vec<i64>,
+}
+
+/// A few names, then a count: `a, b, c, d and 7 more`.
+fn few(names: impl ExactSizeIterator<Item = String>) -> String {
+    const SHOWN: usize = 4;
+    let n = names.len();
+    let mut s: Vec<String> = names.take(SHOWN).collect::<Vec<_>>();
+    if n > SHOWN {
+        s.push(format!("and {} more", n - SHOWN));
+    }
+    s.join(", ")
+}
+
+fn mismatch_summary(missing: &[String], extra: &[String], shapes: &[ShapeDiff]) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!(
+            "{} tensor(s) the model needs are missing ({})",
+            missing.len(),
+            few(missing.iter().cloned())
+        ));
+    }
+    if !extra.is_empty() {
+        parts.push(format!(
+            "{} tensor(s) the model does not have ({})",
+            extra.len(),
+            few(extra.iter().cloned())
+        ));
+    }
+    if !shapes.is_empty() {
+        parts.push(format!(
+            "{} tensor(s) of another shape ({})",
+            shapes.len(),
+            few(shapes.iter().map(|d| format!(
+                "{} {:?} in the file, {:?} in the model",
+                d.name, d.file, d.model
+            )))
+        ));
+    }
+    parts.join("; ")
 }

@@ -34,10 +34,11 @@ use tch::{nn, Kind, Tensor};
 pub use backbone::{output_shape, FeatureNet};
 pub use ctx::{protonet_logits, CtxHead};
 pub use error::ModelError;
+pub use error::ShapeDiff;
 pub use fsct::{AttnVariant, Fp32Modules, FsctDims, FsctHead};
 pub use import::{
-    freeze_backbone, load_official, load_official_with, load_torchvision,
-    read_safetensors_metadata, LoadOptions, LoadReport,
+    freeze_backbone, load_checked, load_official, read_safetensors_metadata, LoadReport,
+    WeightsSource,
 };
 pub use layers::BnMode;
 

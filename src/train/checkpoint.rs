@@ -19,7 +19,7 @@ use tch::Tensor;
 use super::amp::GradScalerState;
 use super::eval::Accuracy;
 use super::optim::Optimizer;
-use crate::config::RunConfig;
+use crate::config::{Backbone, RunConfig};
 
 /// Bumped when the layout changes; a newer checkpoint is refused by an older binary.
 pub const FORMAT_VERSION: u32 = 1;
@@ -69,6 +69,28 @@ impl ModelSignature {
             image_size: c.data.image_size,
         }
     }
+}
+
+impl ModelSignature {
+    /// Checkpoints written before `ResNet34` meant the torchvision layout recorded the FETI
+    /// ResNets as "ResNet10/12/18/34" (today's names are explicit: `FetiResNet34`,
+    /// `TvResNet34`): such a checkpoint is read as the FETI network it holds.
+    fn upgrade_legacy(mut state: CheckpointState) -> CheckpointState {
+        if let Some(b) = Backbone::from_legacy_signature(&state.model.backbone) {
+            state.model.backbone = format!("{b:?}");
+            state.config.model.backbone = b;
+        }
+        state
+    }
+}
+
+/// The FETI backbone an old run recorded under its official name (see
+/// [`ModelSignature::upgrade_legacy`]), from its newest checkpoint: its `config.toml` says
+/// "ResNet34", which today means the torchvision layout.
+pub fn legacy_backbone(run: &Path) -> Option<Backbone> {
+    let text = fs::read_to_string(list(run).pop()?.join(STATE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Backbone::from_legacy_signature(v["model"]["backbone"].as_str()?)
 }
 
 /// Writes a checkpoint of step `state.step` under `run/checkpoints/` and keeps the newest `keep`.
@@ -180,12 +202,14 @@ pub fn read_state(ckpt: &Path) -> Result<CheckpointState> {
             ckpt.display()
         );
     }
-    serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is damaged; resume from an older checkpoint",
-            path.display()
-        )
-    })
+    serde_json::from_str(&text)
+        .map(ModelSignature::upgrade_legacy)
+        .with_context(|| {
+            format!(
+                "{} is damaged; resume from an older checkpoint",
+                path.display()
+            )
+        })
 }
 
 /// Checks that a checkpoint's position is one this run can continue from: micro-steps that

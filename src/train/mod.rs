@@ -151,13 +151,27 @@ pub fn build_on(r: &Resolved, device: tch::Device) -> Result<Built> {
     tch::manual_seed(c.run.seed as i64);
     let mut vs = VarStore::new(device);
     let model = FewShotModel::new(&vs.root(), &model_config(r))?;
-    if let Some(path) = &c.model.pretrained {
-        model::load_torchvision(&mut vs, path)
-            .with_context(|| format!("loading pretrained weights {}", path.display()))?;
+    let pretrained = match &c.model.pretrained {
+        Some(crate::config::Pretrained::File(path)) => Some(path),
+        _ => None,
+    };
+    if let Some(path) = pretrained {
+        let source = model::WeightsSource::Pretrained(c.model.backbone);
+        let report = model::load_checked(&mut vs, path, source)?;
+        if let Some(w) = &report.warning {
+            tracing::warn!("{w}");
+        }
+        info!(
+            "loaded {} pretrained tensors from {}",
+            report.loaded.len(),
+            path.display()
+        );
     }
     if let Some(path) = &c.model.official {
-        let report = model::load_official(&mut vs, path)
-            .with_context(|| format!("loading the official checkpoint {}", path.display()))?;
+        let source = model::WeightsSource::Official {
+            backbone_loaded: pretrained.is_some(),
+        };
+        let report = model::load_checked(&mut vs, path, source)?;
         info!(
             "loaded {} tensors from {}",
             report.loaded.len(),
@@ -313,9 +327,9 @@ pub fn train(
     };
     let vs = vs;
     info!(
-        "{} {:?} on {} ({} base / {} val classes), {}-way {}-shot {}-query, {} px, {} episodes/epoch × {} epochs, device {:?}, {} rank(s) over {}",
+        "{} {} on {} ({} base / {} val classes), {}-way {}-shot {}-query, {} px, {} episodes/epoch × {} epochs, device {:?}, {} rank(s) over {}",
         c.model.method.official_name(),
-        c.model.backbone,
+        c.model.backbone.describe(),
         root.display(),
         base.classes.len(),
         val.classes.len(),
@@ -681,8 +695,7 @@ pub fn train(
     // Every rank needs the best weights for the distributed test: rank 0 wrote them.
     comm.barrier()?;
     let mut vs = vs;
-    vs.load(out.join(BEST_WEIGHTS))
-        .context("reloading the best weights")?;
+    model::load_checked(&mut vs, &out.join(BEST_WEIGHTS), model::WeightsSource::Run)?;
     let test = test_split(r, &model, &root, shape, device, comm)?;
     if let Some(m) = metrics.as_mut() {
         m.write(&Metric::Test {
