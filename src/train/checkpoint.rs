@@ -290,13 +290,16 @@ pub fn load(
             format!("; older checkpoints: {}", names.join(", "))
         }
     };
-    vs.load(ckpt.join(MODEL)).map_err(|e| {
-        anyhow::anyhow!(
-            "{} cannot be loaded ({e}): the file is damaged or truncated{}",
-            ckpt.join(MODEL).display(),
-            older()
-        )
-    })?;
+    // The checked load: a file with missing, extra or misshapen tensors is refused whole.
+    crate::model::load_checked(vs, &ckpt.join(MODEL), crate::model::WeightsSource::Run).map_err(
+        |e| {
+            anyhow::anyhow!(
+                "{} cannot be loaded ({e}): the file is damaged or truncated{}",
+                ckpt.join(MODEL).display(),
+                older()
+            )
+        },
+    )?;
     let saved: BTreeMap<String, Tensor> = Tensor::read_safetensors(ckpt.join(OPTIMIZER))
         .map_err(|e| {
             anyhow::anyhow!(
