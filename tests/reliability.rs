@@ -134,14 +134,11 @@ fn sigterm_writes_a_checkpoint_exits_3_and_the_run_resumes_exactly() {
         .spawn()
         .unwrap();
     // Signal once training is under way (its second checkpoint exists).
-    let start = Instant::now();
-    while !b.join("checkpoints/step-00000002").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "training did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for(
+        &b.join("checkpoints/step-00000002"),
+        Duration::from_secs(60),
+        "training did not start",
+    );
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -589,14 +586,11 @@ fn a_run_folder_in_use_is_refused_to_a_second_train_resume_or_test() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !b.join("checkpoints/step-00000004").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the first run did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for(
+        &b.join("checkpoints/step-00000004"),
+        Duration::from_secs(60),
+        "the first run did not start",
+    );
     let resume = run(&train_cmd(&["train", "--resume", b.to_str().unwrap()]));
     fails_with(&resume, "in use by another fsct-dist process");
     assert!(String::from_utf8_lossy(&resume.stderr).contains(&format!("pid {}", first.id())));

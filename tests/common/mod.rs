@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use tch::{nn, Kind, Tensor};
 
@@ -96,4 +97,17 @@ pub fn worst_grad_error(a: &nn::VarStore, b: &nn::VarStore) -> (f64, String) {
         }
     }
     worst
+}
+
+/// Waits until `path` exists (a run got that far), failing the test after `limit` with `what`.
+pub fn wait_for(path: &Path, limit: Duration, what: &str) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < limit,
+            "{what}: {} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
