@@ -313,7 +313,7 @@ fn validate(c: &RunConfig) -> Result<(), ConfigError> {
             "at least 1 validation episode is needed to pick the best model",
         ));
     }
-    if t.episodes_per_step == 0 || t.episodes_per_epoch % t.episodes_per_step != 0 {
+    if t.episodes_per_step == 0 || !t.episodes_per_epoch.is_multiple_of(t.episodes_per_step) {
         return Err(invalid(
             "episodes_per_step",
             format!(

@@ -551,7 +551,7 @@ pub fn train(
                 }
                 if device.is_cuda()
                     && plan.empty_cache_every > 0
-                    && summary.steps % plan.empty_cache_every == 0
+                    && summary.steps.is_multiple_of(plan.empty_cache_every)
                 {
                     crate::ffi::cuda::empty_cache()?;
                 }
@@ -566,7 +566,7 @@ pub fn train(
                     "epoch {epoch} step {} loss {loss:.3}",
                     summary.steps
                 ));
-                if summary.steps % c.train.log_every == 0 || next == order.len() {
+                if summary.steps.is_multiple_of(c.train.log_every) || next == order.len() {
                     let (loss, acc, episodes_per_s) = stats.take_window();
                     if let Some(m) = metrics.as_mut() {
                         m.write(&Metric::Train {
@@ -590,7 +590,7 @@ pub fn train(
                     return Ok(summary);
                 }
                 if c.train.checkpoint_every > 0
-                    && summary.steps % c.train.checkpoint_every == 0
+                    && summary.steps.is_multiple_of(c.train.checkpoint_every)
                     && at.steps_in_epoch < steps_per_epoch
                 {
                     checkpoint_at(&vs, &opt, &summary, at, &scaler)?;
