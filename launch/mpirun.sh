@@ -9,8 +9,15 @@
 #   not pinned to cores (pinning two ranks to one core would serialise them).
 # - threads: each rank gets cores / N intra-op threads (OMP_NUM_THREADS) unless already set, so
 #   N ranks do not fight over the same cores.
+# - stopping: SIGTERM, SIGINT or SIGUSR1 to this script reaches the ranks as SIGUSR1, which
+#   mpirun forwards without ending the job, so the ranks take as long as they need: they finish
+#   the step, rank 0 writes a checkpoint, they exit 3, and 3 is this script's exit code. (A
+#   SIGTERM to mpirun itself makes it SIGKILL the ranks `odls_base_sigkill_timeout` = 1 s later
+#   and exit 1. FSCT_GRACE=N raises that timeout, but OpenMPI then also sleeps about 2N s
+#   whenever a job ends abnormally, a rank exiting 3 included: 10 s for N = 5, measured.)
 # Knobs: FSCT (binary; default target/release/fsct-dist, else fsct-dist on PATH),
-#        MPIRUN (default mpirun), MPIRUN_ARGS (extra mpirun arguments, e.g. a hostfile).
+#        MPIRUN (default mpirun), MPIRUN_ARGS (extra mpirun arguments, e.g. a hostfile),
+#        FSCT_GRACE (seconds, above).
 set -euo pipefail
 
 n=2
@@ -39,6 +46,16 @@ if "$mpirun" --version 2>/dev/null | grep -qi "open mpi"; then
   threads=$(( cores / n ))
   [ "$threads" -ge 1 ] || threads=1
   args+=(-x "OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}")
+  if [ -n "${FSCT_GRACE:-}" ]; then args+=(--mca odls_base_sigkill_timeout "$FSCT_GRACE"); fi
 fi
 # shellcheck disable=SC2086
-exec "$mpirun" "${args[@]}" ${MPIRUN_ARGS:-} "$bin" "$@"
+"$mpirun" "${args[@]}" ${MPIRUN_ARGS:-} "$bin" "$@" <&0 &
+pid=$!
+trap 'kill -USR1 "$pid" 2>/dev/null || true' TERM INT USR1
+# `wait` returns early when a trapped signal arrives: wait again until mpirun has ended.
+while :; do
+  rc=0
+  wait "$pid" || rc=$?
+  kill -0 "$pid" 2>/dev/null || break
+done
+exit "$rc"

@@ -173,6 +173,9 @@ pub struct RunArgs {
     /// Collective backend between ranks: auto (NCCL on CUDA, else MPI), nccl or mpi.
     #[arg(long, value_enum)]
     pub comm: Option<crate::config::CommKind>,
+    /// Seconds a rank may wait in one collective before ending the job (0 = forever).
+    #[arg(long = "collective-timeout", alias = "collective_timeout")]
+    pub collective_timeout: Option<u64>,
     /// Continue a run from its newest checkpoint (RUN) or a given one (RUN/checkpoints/step-N):
     /// the run's own config, with the flags given here laid over it (e.g. a larger --max-steps).
     #[arg(long)]
@@ -311,6 +314,7 @@ impl RunArgs {
         set(&mut c.train.checkpoint_every, &self.checkpoint_every);
         set(&mut c.train.keep_checkpoints, &self.keep_checkpoints);
         set(&mut c.run.comm, &self.comm);
+        set(&mut c.run.collective_timeout, &self.collective_timeout);
         set(&mut c.test.episodes, &self.test_iter);
         set(&mut c.test.split, &self.split);
         set(&mut c.run.seed, &self.seed);

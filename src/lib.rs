@@ -11,6 +11,7 @@ pub mod memory;
 pub mod model;
 pub mod oom;
 pub mod regular_file;
+pub mod signals;
 pub mod train;
 
 use std::process::ExitCode;
@@ -76,18 +77,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let mut preempted = None;
             on_every_rank(&resolved, |comm| {
                 let summary = train::train(&resolved, &dumps, comm, begin)?;
+                if let Some(ckpt) = &summary.preempted {
+                    // Every rank exits 3; rank 0 alone says where the checkpoint is, before
+                    // any rank exits (a launcher may end the others once one has).
+                    if comm.world().is_root() {
+                        eprintln!(
+                            "stopped by a signal; checkpoint {} written. Resume with: fsct-dist train --resume {}",
+                            ckpt.display(),
+                            resolved.config.run.output.display()
+                        );
+                    }
+                    comm.barrier()?;
+                }
                 preempted = summary.preempted;
                 Ok(())
             })?;
             match preempted {
-                Some(ckpt) => {
-                    eprintln!(
-                        "stopped by a signal; checkpoint {} written. Resume with: fsct-dist train --resume {}",
-                        ckpt.display(),
-                        resolved.config.run.output.display()
-                    );
-                    Ok(ExitCode::from(EXIT_PREEMPTED))
-                }
+                Some(_) => Ok(ExitCode::from(EXIT_PREEMPTED)),
                 None => Ok(ExitCode::SUCCESS),
             }
         }
@@ -189,6 +195,11 @@ fn on_every_rank(
 ) -> Result<()> {
     let comm = dist::init(resolved.config.run.comm, resolved.device)?;
     let world = comm.world();
+    let comm = dist::watchdog::watch(
+        comm,
+        std::time::Duration::from_secs(resolved.config.run.collective_timeout),
+        world.device_for(resolved.device),
+    );
     if world.size == 1 {
         return job(comm.as_ref());
     }
@@ -256,7 +267,16 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
             .transpose()?;
         let device = comm.world().device_for(resolved.device);
         built.vs.set_device(device);
-        train::test_split(&resolved, &built.model, &root, built.shape, device, comm).map(|_| ())
+        train::test_split(
+            &resolved,
+            &built.model,
+            &root,
+            built.shape,
+            device,
+            comm,
+            None,
+        )
+        .map(|_| ())
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{assert_bit_identical, synth_dataset as dataset, train_args, BIN};
+use common::{
+    assert_bit_identical, rank_pids, synth_dataset as dataset, train_args, wait_with_limit, BIN,
+};
 
 fn launcher() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("launch/mpirun.sh")
@@ -282,42 +284,6 @@ fn long_run(dir: &Path, ds: &Path, extra: &[&str]) -> (std::process::Child, Inst
         .spawn()
         .unwrap();
     (child, Instant::now())
-}
-
-fn wait_with_limit(mut child: std::process::Child, limit: Duration) -> (Output, Duration) {
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return (child.wait_with_output().unwrap(), start.elapsed());
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("the job did not end within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The pids of the fsct-dist processes that are descendants of `parent`.
-fn rank_pids(parent: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let mut frontier = vec![parent];
-    while let Some(p) = frontier.pop() {
-        let Ok(out) = Command::new("pgrep").args(["-P", &p.to_string()]).output() else {
-            break;
-        };
-        for pid in String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|s| s.parse().ok())
-        {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "fsct-dist" {
-                found.push(pid);
-            }
-            frontier.push(pid);
-        }
-    }
-    found
 }
 
 #[test]

@@ -242,6 +242,9 @@ pub struct RuntimeConfig {
     pub output: PathBuf,
     /// Collective backend between ranks: auto (NCCL on CUDA, else MPI), nccl or mpi.
     pub comm: CommKind,
+    /// Seconds a rank may wait in one collective before it ends the job as stalled (a rank
+    /// stopped answering); 0 = wait forever. 600 as NCCL's own watchdog.
+    pub collective_timeout: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -252,6 +255,7 @@ impl Default for RuntimeConfig {
             threads: 0,
             output: PathBuf::from("runs/latest"),
             comm: CommKind::Auto,
+            collective_timeout: 600,
         }
     }
 }

@@ -96,6 +96,9 @@ pub enum DataError {
         "cannot write the built-in dataset to {path:?}: {reason}; check free space and permissions"
     )]
     Synth { path: PathBuf, reason: String },
+
+    #[error("stopped by a signal while writing the built-in dataset {path:?}; nothing was left behind, run the command again")]
+    SynthStopped { path: PathBuf },
 }
 
 impl DataError {

@@ -97,7 +97,7 @@ pub struct EpisodeLoader {
     /// Set from outside (SIGTERM/SIGINT): a wait for an episode gives up with
     /// [`DataError::Interrupted`] instead of blocking on a worker that may never finish (a
     /// file system that stopped answering).
-    interrupt: Option<Arc<AtomicBool>>,
+    interrupt: Option<fn() -> bool>,
     handles: Vec<JoinHandle<()>>,
 }
 
@@ -167,17 +167,15 @@ impl EpisodeLoader {
         loader
     }
 
-    /// Makes every wait for an episode also watch `flag`: once it is set, `next` yields
-    /// [`DataError::Interrupted`] instead of waiting on.
-    pub fn interrupted_by(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.interrupt = Some(flag);
+    /// Makes every wait for an episode also poll `stop` (e.g. [`crate::signals::stop_requested`]):
+    /// once it says so, `next` yields [`DataError::Interrupted`] instead of waiting on.
+    pub fn interrupted_by(mut self, stop: fn() -> bool) -> Self {
+        self.interrupt = Some(stop);
         self
     }
 
     fn interrupted(&self) -> bool {
-        self.interrupt
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::Relaxed))
+        self.interrupt.is_some_and(|stop| stop())
     }
 
     /// Issues jobs until `workers + prefetch` episodes are in flight or waiting.

@@ -317,6 +317,9 @@ fn write_into(dir: &Path, opts: &SynthOptions) -> Result<usize, DataError> {
                 let (jobs, specs) = (&jobs, &specs);
                 sc.spawn(move |_| -> Result<(), DataError> {
                     for (g, i, path) in jobs.iter().skip(t).step_by(threads) {
+                        if crate::signals::stop_requested() {
+                            return Err(DataError::SynthStopped { path: dir.into() });
+                        }
                         let px = render(opts, &specs[*g], *g, *i);
                         let f = std::fs::File::create(path).map_err(|e| synth_err(path, e))?;
                         image::codecs::png::PngEncoder::new(std::io::BufWriter::new(f))
@@ -447,9 +450,16 @@ pub fn write_dataset(out: &Path, opts: &SynthOptions) -> Result<SynthSummary, Da
         .unwrap_or(0);
     remove_stale_temps(&parent, &name);
     let tmp = parent.join(format!(".{name}.tmp-{}-{nonce}", std::process::id()));
+    // A stop signal (SIGTERM, SIGUSR1, Ctrl-C) ends the writers at the next image; the error
+    // path below removes the temporary folder, so nothing half-written stays behind.
+    let _catch = crate::signals::Catch::new().map_err(|e| synth_err(&tmp, format!("{e:#}")))?;
     std::fs::create_dir(&tmp).map_err(|e| synth_err(&tmp, e))?;
     let images = match write_into(&tmp, opts) {
         Ok(n) => n,
+        Err(DataError::SynthStopped { .. }) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(DataError::SynthStopped { path: out.into() });
+        }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);

@@ -8,6 +8,7 @@
 
 pub mod mpi;
 pub mod nccl;
+pub mod watchdog;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,9 +123,17 @@ pub trait Communicator {
     fn barrier(&self) -> Result<()>;
     /// Ends every rank of the job now with `code` (MPI_Abort); a world of one just exits.
     fn abort(&self, code: i32) -> !;
+    /// [`Communicator::abort`] callable from another thread (the watchdog) while this one is
+    /// blocked in a collective.
+    fn abort_handle(&self) -> AbortHandle;
+    /// Which optimizer step the next collectives belong to (named by the watchdog).
+    fn note_step(&self, _step: u64) {}
     /// Tensor bytes this rank has sent into collectives so far.
     fn bytes_sent(&self) -> u64;
 }
+
+/// Ends the job with the given code, from any thread.
+pub type AbortHandle = Box<dyn Fn(i32) + Send + Sync>;
 
 /// Target size of one all-reduce bucket (PyTorch DDP's default is 25 MiB).
 pub const BUCKET_BYTES: usize = 25 << 20;
@@ -160,6 +169,9 @@ impl Communicator for Local {
     }
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
+    }
+    fn abort_handle(&self) -> AbortHandle {
+        Box::new(|code| std::process::exit(code))
     }
     fn bytes_sent(&self) -> u64 {
         0

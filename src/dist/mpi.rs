@@ -220,6 +220,10 @@ impl Communicator for MpiComm {
         self.world_comm.abort(code)
     }
 
+    fn abort_handle(&self) -> super::AbortHandle {
+        Box::new(|code| abort_world(code))
+    }
+
     fn bytes_sent(&self) -> u64 {
         self.sent.get()
     }

@@ -362,6 +362,28 @@ impl Communicator for NcclComm {
         }
     }
 
+    fn abort_handle(&self) -> super::AbortHandle {
+        // SAFETY: as in `abort`; the library stays loaded while the process lives (the handle
+        // ends it), and the raw communicator is only handed to ncclCommAbort.
+        let f = unsafe {
+            self.lib
+                .get::<unsafe extern "C" fn(NcclComm_) -> NcclResult>(b"ncclCommAbort\0")
+                .map(|s| *s)
+                .ok()
+        };
+        let comm = self.comm as usize;
+        let has_mpi = self.mpi.is_some();
+        Box::new(move |code| {
+            if let Some(f) = f {
+                unsafe { f(comm as NcclComm_) };
+            }
+            if has_mpi {
+                super::mpi::abort_world(code)
+            }
+            std::process::exit(code)
+        })
+    }
+
     fn bytes_sent(&self) -> u64 {
         self.sent.get()
     }

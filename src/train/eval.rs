@@ -7,6 +7,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
+use super::signals::StopFlag;
 use super::step::balanced_groups;
 use crate::data::{EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex};
 use crate::dist::Communicator;
@@ -61,27 +62,40 @@ pub struct EvalEpisodes {
 /// `on_episode` runs after each episode (a progress bar). The episodes are split across the
 /// ranks of `comm` in contiguous balanced ranges and the per-episode accuracies gathered in
 /// episode order, so the result is the single-process one for every world size.
+///
+/// With `stop`, the ranks agree before every episode whether a stop signal arrived (one tiny
+/// all-reduce per episode, taken by every rank the same number of times even when its range is
+/// one shorter) and return `None` at once if so: a stop is honoured within one episode.
 pub fn evaluate(
     model: &FewShotModel,
     set: EvalEpisodes,
     device: Device,
     comm: &dyn Communicator,
+    stop: Option<&StopFlag>,
     mut on_episode: impl FnMut(),
-) -> Result<Accuracy> {
+) -> Result<Option<Accuracy>> {
     let _guard = tch::no_grad_guard();
     let world = comm.world();
-    let mine = balanced_groups(set.count as i64, world.size as i64)
-        .get(world.rank)
-        .cloned()
-        .unwrap_or(0..0);
+    let groups = balanced_groups(set.count as i64, world.size as i64);
+    let rounds = groups.iter().map(|g| g.end - g.start).max().unwrap_or(0);
+    let mine = groups.get(world.rank).cloned().unwrap_or(0..0);
     let mut acc = Vec::with_capacity((mine.end - mine.start) as usize);
-    for batch in EpisodeLoader::new(
+    let mut episodes = EpisodeLoader::new(
         set.split,
         set.shape,
         set.loader,
         set.epoch_key,
         mine.start as u64..mine.end as u64,
-    ) {
+    );
+    for _ in 0..rounds {
+        if let Some(stop) = stop {
+            if stop.requested(comm)? {
+                return Ok(None);
+            }
+        }
+        let Some(batch) = episodes.next() else {
+            continue;
+        };
         let batch = batch?;
         let out = model.forward(&batch.images.to_device(device), false);
         let queries = out.logits.size()[0];
@@ -90,7 +104,7 @@ pub fn evaluate(
         on_episode();
     }
     let all = comm.all_gather_f64(&acc)?;
-    Ok(Accuracy::from_episodes(&all))
+    Ok(Some(Accuracy::from_episodes(&all)))
 }
 
 #[cfg(test)]

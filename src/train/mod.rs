@@ -12,7 +12,7 @@ pub mod optimizer_step;
 pub mod plot;
 mod progress;
 pub mod run_folder;
-mod signals;
+pub mod signals;
 pub mod step;
 
 use std::path::{Path, PathBuf};
@@ -262,6 +262,8 @@ pub fn train(
         Start::Fresh { .. } => None,
     };
     c.check_world(world.size)?;
+    // Caught from the start: a stop during dataset generation or set-up ends the run cleanly.
+    let stop = signals::StopFlag::install()?;
     let _lock = if root_rank {
         let lock = match start {
             Start::Fresh { overwrite } => run_folder::claim_fresh(out, overwrite)?,
@@ -395,7 +397,6 @@ pub fn train(
         seconds: 0.0,
         preempted: None,
     };
-    let stop = signals::StopFlag::install()?;
     let max_steps = if c.train.max_steps == 0 {
         u64::MAX
     } else {
@@ -439,21 +440,6 @@ pub fn train(
         checkpoint::save(out, vs, opt, &state, c.train.keep_checkpoints as usize).map(Some)
     };
 
-    // Stopped by a signal: checkpoint where the run stands, every rank agreeing.
-    let stop_at = |vs: &VarStore,
-                   opt: &optim::Optimizer,
-                   summary: &mut TrainSummary,
-                   at: Position,
-                   scaler: &GradScaler|
-     -> Result<()> {
-        progress.finish();
-        let dir = checkpoint_at(vs, opt, summary, at, scaler)?;
-        comm.barrier()?;
-        summary.preempted = Some(dir.unwrap_or_else(|| out.join(checkpoint::DIR)));
-        summary.seconds = started.elapsed().as_secs_f64();
-        Ok(())
-    };
-
     'epochs: for epoch in first_epoch..c.train.epochs {
         let skip = std::mem::take(&mut done_in_epoch);
         let steps =
@@ -487,9 +473,10 @@ pub fn train(
                 // Alone, a signal may end a wait for images at once. Under MPI every rank must
                 // stop after the same step, so the ranks agree on it after each step instead
                 // (and the collective watchdog ends a rank stuck in its loader).
-                loader = loader.interrupted_by(stop.flag());
+                loader = loader.interrupted_by(crate::signals::stop_requested);
             }
             while next < order.len() && plan.slice() == slice {
+                comm.note_step(summary.steps + 1);
                 if let Some(p) = profiler.as_mut() {
                     p.begin_step(summary.steps + 1);
                     p.enter(Phase::Data);
@@ -504,8 +491,9 @@ pub fn train(
                         validated: false,
                         micro_steps: plan.micro_steps,
                     };
-                    stop_at(&vs, &opt, &mut summary, at, &scaler)?;
-                    return Ok(summary);
+                    progress.finish();
+                    let dir = checkpoint_at(&vs, &opt, &summary, at, &scaler)?;
+                    return stopped(summary, dir, comm, out, started);
                 }
                 let episodes = loaded?;
                 next += k as usize;
@@ -586,8 +574,9 @@ pub fn train(
                     micro_steps: plan.micro_steps,
                 };
                 if stop.requested(comm)? {
-                    stop_at(&vs, &opt, &mut summary, at, &scaler)?;
-                    return Ok(summary);
+                    progress.finish();
+                    let dir = checkpoint_at(&vs, &opt, &summary, at, &scaler)?;
+                    return stopped(summary, dir, comm, out, started);
                 }
                 if c.train.checkpoint_every > 0
                     && summary.steps.is_multiple_of(c.train.checkpoint_every)
@@ -609,12 +598,26 @@ pub fn train(
             epoch_key: VAL_EPOCH,
             count: c.train.val_episodes,
         };
-        let acc = evaluate(&model, set, device, comm, || vprog.step(String::new()))?;
+        let done = order.len() as u64 / k;
+        let acc = evaluate(&model, set, device, comm, Some(&stop), || {
+            vprog.step(String::new())
+        })?;
         vprog.finish();
+        let Some(acc) = acc else {
+            // Stopped during validation: the epoch's steps are done; resume validates it.
+            progress.finish();
+            let at = Position {
+                epoch,
+                steps_in_epoch: done,
+                validated: false,
+                micro_steps: plan.micro_steps,
+            };
+            let dir = checkpoint_at(&vs, &opt, &summary, at, &scaler)?;
+            return stopped(summary, dir, comm, out, started);
+        };
         // An epoch cut short by --max-steps is validated for the user, but only completed
         // epochs compete for "best" (so a resumed run picks the same best model as one that
         // was never stopped); it provides best.safetensors only while no epoch has completed.
-        let done = order.len() as u64 / k;
         let complete = done == steps_per_epoch;
         let best = if complete {
             summary.best_val.as_ref().is_none_or(|b| acc.mean > b.mean)
@@ -696,7 +699,11 @@ pub fn train(
     comm.barrier()?;
     let mut vs = vs;
     model::load_checked(&mut vs, &out.join(BEST_WEIGHTS), model::WeightsSource::Run)?;
-    let test = test_split(r, &model, &root, shape, device, comm)?;
+    let Some(test) = test_split(r, &model, &root, shape, device, comm, Some(&stop))? else {
+        // Stopped during the test: training ended with a checkpoint, which resume starts from.
+        let newest = root_rank.then(|| checkpoint::resolve(out)).transpose()?;
+        return stopped(summary, newest, comm, out, started);
+    };
     if let Some(m) = metrics.as_mut() {
         m.write(&Metric::Test {
             split: c.test.split,
@@ -713,7 +720,22 @@ pub fn train(
     Ok(summary)
 }
 
-/// Evaluates `model` on the configured test split and prints the official line.
+/// Ends a run stopped by a signal once rank 0 has written `checkpoint` (None on other ranks).
+fn stopped(
+    mut summary: TrainSummary,
+    checkpoint: Option<PathBuf>,
+    comm: &dyn Communicator,
+    out: &Path,
+    started: Instant,
+) -> Result<TrainSummary> {
+    comm.barrier()?;
+    summary.preempted = Some(checkpoint.unwrap_or_else(|| out.join(checkpoint::DIR)));
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Evaluates `model` on the configured test split and prints the official line; `None` when
+/// `stop` ended it early (nothing printed or written).
 pub fn test_split(
     r: &Resolved,
     model: &FewShotModel,
@@ -721,7 +743,8 @@ pub fn test_split(
     shape: EpisodeShape,
     device: tch::Device,
     comm: &dyn Communicator,
-) -> Result<Accuracy> {
+    stop: Option<&signals::StopFlag>,
+) -> Result<Option<Accuracy>> {
     let c = &r.config;
     let split = open_split(root, c.test.split, shape)?;
     let prog = Progress::new_on(comm.world().is_root(), c.test.episodes, "test");
@@ -732,8 +755,11 @@ pub fn test_split(
         epoch_key: TEST_EPOCH,
         count: c.test.episodes,
     };
-    let acc = evaluate(model, set, device, comm, || prog.step(String::new()))?;
+    let acc = evaluate(model, set, device, comm, stop, || prog.step(String::new()))?;
     prog.finish();
+    let Some(acc) = acc else {
+        return Ok(None);
+    };
     if comm.world().is_root() {
         println!("{}", acc.official_line("Test"));
         write_json(
@@ -743,7 +769,7 @@ pub fn test_split(
             }),
         )?;
     }
-    Ok(acc)
+    Ok(Some(acc))
 }
 
 /// Where a checkpoint is taken.

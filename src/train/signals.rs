@@ -1,50 +1,32 @@
-//! SIGTERM / SIGINT (SLURM preemption, Ctrl-C) as a request to stop at the next step boundary:
-//! the trainer checkpoints and exits with [`crate::EXIT_PREEMPTED`]. Under MPI every rank
-//! learns of a signal that reached any rank, so they all stop after the same step.
-
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+//! A stop signal (SIGTERM, SIGUSR1, SIGINT: SLURM preemption, Ctrl-C; see [`crate::signals`]) as
+//! a request to stop at the next step or evaluation episode: the trainer checkpoints and exits
+//! with [`crate::EXIT_PREEMPTED`]. Under MPI every rank learns of a signal that reached any
+//! rank, so they all stop at the same point.
 
 use anyhow::Result;
-use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::dist::{sum_f64, Communicator};
+use crate::signals::{stop_requested, Catch};
 
 pub struct StopFlag {
-    flag: Arc<AtomicBool>,
-    ids: Vec<signal_hook::SigId>,
+    _catch: Catch,
 }
 
 impl StopFlag {
-    /// Catches SIGTERM and SIGINT until dropped (then the default actions return).
+    /// Catches the stop signals until dropped (then they end the process again).
     pub fn install() -> Result<Self> {
-        let flag = Arc::new(AtomicBool::new(false));
-        let ids = [SIGTERM, SIGINT]
-            .into_iter()
-            .map(|s| signal_hook::flag::register(s, Arc::clone(&flag)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { flag, ids })
+        Ok(Self {
+            _catch: Catch::new()?,
+        })
     }
 
-    /// The flag itself, for waits that must give up when a signal arrives (the loader).
-    pub fn flag(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.flag)
-    }
-
-    /// Whether to stop now: a signal reached this rank or (under MPI) any rank.
+    /// Whether to stop now: a signal reached this rank or (under MPI) any rank. Every rank
+    /// must call this at the same points (it is a collective under MPI).
     pub fn requested(&self, comm: &dyn Communicator) -> Result<bool> {
-        let here = self.flag.load(Ordering::Relaxed);
+        let here = stop_requested();
         if comm.world().size == 1 {
             return Ok(here);
         }
         Ok(sum_f64(comm, f64::from(u8::from(here)))? > 0.0)
-    }
-}
-
-impl Drop for StopFlag {
-    fn drop(&mut self) {
-        for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
-        }
     }
 }

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use tch::{nn, Kind, Tensor};
@@ -110,4 +110,42 @@ pub fn wait_for(path: &Path, limit: Duration, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits for `child` at most `limit` (killing it and failing past that); its output and the time
+/// it took.
+pub fn wait_with_limit(mut child: Child, limit: Duration) -> (Output, Duration) {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return (child.wait_with_output().unwrap(), start.elapsed());
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the job did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The pids of the fsct-dist processes that are descendants of `parent`.
+pub fn rank_pids(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut frontier = vec![parent];
+    while let Some(p) = frontier.pop() {
+        let Ok(out) = Command::new("pgrep").args(["-P", &p.to_string()]).output() else {
+            break;
+        };
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "fsct-dist" {
+                found.push(pid);
+            }
+            frontier.push(pid);
+        }
+    }
+    found
 }
