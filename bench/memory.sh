@@ -33,9 +33,9 @@ for s in $settings; do
           --val-episodes 1 --test-iter 1 --workers 2 --pretrained none "${flags[@]}")
   # Whole-process peak: a run without --memory-report (its per-phase peak resets would hide
   # the process maximum from getrusage).
-  /usr/bin/time -f '%M' -o "$work/maxrss" "$bin" train "${common[@]}" --output "$work/plain" >/dev/null 2>"$work/log" \
+  /usr/bin/time -f '%M' -o "$work/maxrss" "$bin" train "${common[@]}" --output "$work/plain-$m-$ckpt-$vic" >/dev/null 2>"$work/log" \
     || { cat "$work/log" >&2; exit 1; }
-  out="$work/run-$m-$ckpt"
+  out="$work/run-$m-$ckpt-$vic"
   "$bin" train "${common[@]}" --memory-report --output "$out" >/dev/null 2>"$work/log" || { cat "$work/log" >&2; exit 1; }
   row=$(python3 - "$out/memory.json" "$(cat "$work/maxrss")" "$m" "$ckpt" "$vic" <<'PY'
 import json, sys
