@@ -4,7 +4,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
-pub mod dist;
+pub mod distributed;
 pub mod ffi;
 pub mod logging;
 pub mod memory;
@@ -40,7 +40,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             // would fail on the ranks.
             resolved
                 .config
-                .check_world(dist::launcher_world_size().unwrap_or(1))?;
+                .check_world(distributed::launcher_world_size().unwrap_or(1))?;
             // A fresh run says where its weights start (a ResNet must; see config::Start).
             let start = match resume {
                 None => Some(resolved.start()?),
@@ -178,7 +178,7 @@ fn bench_run(b: &bench::BenchCommand) -> Result<()> {
         }
         BenchCommand::Allreduce(a) => {
             let device = config::parse_device(&a.device)?;
-            let comm = dist::init(config::CommKind::Auto, device)?;
+            let comm = distributed::init(config::CommKind::Auto, device)?;
             bench::allreduce::run(a, comm.as_ref()).map(|_| ())
         }
         BenchCommand::Scaling(a) => bench::scaling::run(a).map(|_| ()),
@@ -191,11 +191,11 @@ fn bench_run(b: &bench::BenchCommand) -> Result<()> {
 /// of leaving the other ranks waiting in a collective.
 fn on_every_rank(
     resolved: &config::Resolved,
-    job: impl FnOnce(&dyn dist::Communicator) -> Result<()>,
+    job: impl FnOnce(&dyn distributed::Communicator) -> Result<()>,
 ) -> Result<()> {
-    let comm = dist::init(resolved.config.run.comm, resolved.device)?;
+    let comm = distributed::init(resolved.config.run.comm, resolved.device)?;
     let world = comm.world();
-    let comm = dist::watchdog::watch(
+    let comm = distributed::watchdog::watch(
         comm,
         std::time::Duration::from_secs(resolved.config.run.collective_timeout),
         world.device_for(resolved.device),
@@ -203,7 +203,7 @@ fn on_every_rank(
     if world.size == 1 {
         return job(comm.as_ref());
     }
-    dist::abort_on_panic(world.rank);
+    distributed::abort_on_panic(world.rank);
     let _span = tracing::info_span!("rank", r = world.rank).entered();
     if let Err(e) = job(comm.as_ref()) {
         eprintln!("error on rank {} of {}: {e:#}", world.rank, world.size);

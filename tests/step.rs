@@ -219,7 +219,7 @@ fn episodes_per_step_averages_the_episode_gradients() {
             grads: Some(dumped.clone()),
             ..Dumps::default()
         },
-        &fsct_dist::dist::Local,
+        &fsct_dist::distributed::Local,
         train::Start::Fresh { overwrite: false },
     )
     .unwrap();

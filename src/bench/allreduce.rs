@@ -12,7 +12,7 @@ use tch::{Kind, Tensor};
 
 use super::measure::median;
 use super::{command_line, machine_line, write_outputs};
-use crate::dist::Communicator;
+use crate::distributed::Communicator;
 
 #[derive(Debug, Args)]
 pub struct AllreduceArgs {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Resolved, ShardMode, Split};
 use crate::data::{EpisodeLoader, LoadedEpisode, LoaderConfig};
-use crate::dist::Communicator;
+use crate::distributed::Communicator;
 use crate::memory::{MemoryProfiler, Meter, Phase, PhaseSink, StepMemory};
 use crate::train::amp::{AmpMode, GradScaler};
 use crate::train::optimizer_step::{optimizer_step, reload_episode, StepPlan};

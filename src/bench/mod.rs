@@ -19,7 +19,7 @@ use clap::{Args, Subcommand};
 
 use crate::cli::RunArgs;
 use crate::config::{Accumulation, AmpMode, RunConfig};
-use crate::dist::Communicator;
+use crate::distributed::Communicator;
 use crate::memory::Phase;
 use crate::train::files::{write_atomic, write_json};
 use measure::{measure_steps, Measured};
@@ -157,7 +157,7 @@ pub fn memory(args: &MemoryArgs) -> Result<()> {
                 c.train.checkpoint_activations = ckpt;
                 c.train.memory_report = false;
                 let r = c.resolve()?;
-                let m = measure_steps(&r, &crate::dist::Local, 1, args.steps)?;
+                let m = measure_steps(&r, &crate::distributed::Local, 1, args.steps)?;
                 let row = format!(
                     "| {amp} | {micro} | {} | {:.0} | {:.0} | {:.0} | {:.2} |\n",
                     if ckpt { "on" } else { "off" },

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::dist::CommKind;
+pub use crate::distributed::CommKind;
 pub use crate::train::amp::AmpMode;
 pub use kinds::{
     Accumulation, Backbone, DatasetName, Method, Optimizer, Pretrained, ResNetLayout, ShardMode,

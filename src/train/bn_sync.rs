@@ -11,7 +11,7 @@ use anyhow::Result;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use crate::dist::Communicator;
+use crate::distributed::Communicator;
 
 /// `nn.BatchNorm2d`'s default momentum, used by every backbone here.
 pub const MOMENTUM: f64 = 0.1;

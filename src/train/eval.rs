@@ -10,7 +10,7 @@ use tch::Device;
 use super::signals::StopFlag;
 use super::step::balanced_groups;
 use crate::data::{EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex};
-use crate::dist::Communicator;
+use crate::distributed::Communicator;
 use crate::model::{correct, FewShotModel};
 
 /// Episode-key "epochs" reserved for evaluation, so validation draws the same episodes every

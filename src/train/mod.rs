@@ -26,7 +26,7 @@ use tracing::info;
 
 use crate::config::{DatasetSource, Resolved, ShardMode, Split};
 use crate::data::{self, EpisodeLoader, EpisodeShape, LoaderConfig, SplitIndex, TransformConfig};
-use crate::dist::Communicator;
+use crate::distributed::Communicator;
 use crate::memory::{MemoryProfiler, Meter, NoProfile, Phase, PhaseSink};
 use crate::model::{self, FewShotModel, ModelConfig};
 use amp::{AmpMode, GradScaler};

@@ -14,7 +14,7 @@ use super::bn_sync;
 use super::step::{self, rank_groups, StepError, StepOptions, StepOutcome};
 use crate::config::ShardMode;
 use crate::data::{self, LoadedEpisode, LoaderConfig, SplitIndex};
-use crate::dist::{Communicator, Local};
+use crate::distributed::{Communicator, Local};
 use crate::memory::{Meter, Phase, PhaseSink};
 use crate::model::FewShotModel;
 
@@ -226,7 +226,7 @@ pub fn optimizer_step(
     scaler.unscale_(&vars)?;
     if world.size > 1 && scaler.is_enabled() {
         // Gradients are identical after the all-reduce, so this agrees already; make it explicit.
-        let any = crate::dist::sum_f64(plan.comm, f64::from(u8::from(scaler.found_inf())))?;
+        let any = crate::distributed::sum_f64(plan.comm, f64::from(u8::from(scaler.found_inf())))?;
         scaler.set_found_inf(any > 0.0);
     }
     before_optimizer(vs)?;

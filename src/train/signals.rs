@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 
-use crate::dist::{sum_f64, Communicator};
+use crate::distributed::{sum_f64, Communicator};
 use crate::signals::{stop_requested, Catch};
 
 pub struct StopFlag {

@@ -16,7 +16,7 @@ use std::ops::Range;
 
 use tch::Tensor;
 
-use crate::dist::Communicator;
+use crate::distributed::Communicator;
 use crate::memory::{Phase, PhaseSink};
 use crate::model::{self, BnMode, FewShotModel, HeadOutput};
 use crate::oom::catch as guard_oom;
@@ -202,7 +202,7 @@ pub fn forward_backward_sharded(
     // Agreement points: with `agree`, every rank reports whether it got this far.
     let sync = |ok: Result<(), String>| -> Result<(), StepError> {
         let all = if agree && w > 1 {
-            crate::dist::all_ok(comm, ok.is_ok())?
+            crate::distributed::all_ok(comm, ok.is_ok())?
         } else {
             ok.is_ok()
         };
