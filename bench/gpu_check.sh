@@ -3,8 +3,9 @@
 # toolchain, maybe no libmpi, no network). Done in under 5 minutes: every step runs under
 # `timeout`, capped by what is left of BUDGET.
 #
-# Prepare (build machine, repo root):
-#   cargo build --release && strip -o fsct-dist-gpu target/release/fsct-dist
+# Prepare (build machine, repo root; a GPU is not needed there):
+#   bench/build_gpu_binary.sh   # release build against the full CUDA wheel set -> ./fsct-dist-gpu
+#   (a plain `cargo build` on a machine without a GPU links the CPU wheel set: no CUDA anywhere)
 #   # only if the GPU machine lacks OpenMPI: carry libmpi and its dependencies next to the repo
 #   mkdir -p .gpu-libs && ldd target/release/fsct-dist | grep -E 'mpi|open-pal|open-rte|hwloc|event|pmix' \
 #     | awk '{print $3}' | xargs -I{} cp {} .gpu-libs/
