@@ -69,7 +69,8 @@ fi
 strip -o "$out.tmp" "$bin" && mv "$out.tmp" "$out"
 bytes=$(stat -c %s "$out")
 t3=$(date +%s)
-say "$(basename "$out"): $((bytes / 1024 / 1024)) MiB ($bytes bytes; unstripped $(($(stat -c %s "$bin") / 1024 / 1024)) MiB)"
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+say "$(basename "$out"): $(mib "$bytes") ($bytes bytes; unstripped $(mib "$(stat -c %s "$bin")"))"
 say "times: wheels $((t1 - t0)) s, build $((t2 - t1)) s, checks+strip $((t3 - t2)) s"
 [ "$bytes" -le "$max_bytes" ] || fail "$out is over the 64 MiB a GPU check may carry"
 say "ready: carry $(basename "$out") in the repo root; bench/gpu_check.sh there picks it up"
