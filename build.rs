@@ -24,9 +24,40 @@ fn main() {
     // ships libtorch_cuda.so without cuDNN/cuBLAS, and linking it there fails at load time.
     let site = lib.parent().and_then(Path::parent); // site-packages
     let full_cuda = site.is_some_and(|s| has_file_starting(&s.join("nvidia"), "libcublas.so", 3));
-    if full_cuda && lib.join("libtorch_cuda.so").exists() {
+    let cuda_linked = full_cuda && lib.join("libtorch_cuda.so").exists();
+    if cuda_linked {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    // For `fsct-dist --version`: tch::Cuda::is_available() is false on a machine without a GPU,
+    // so only the build knows whether a binary carried to a GPU machine will see CUDA.
+    println!(
+        "cargo:rustc-env=FSCT_CUDA_LINKED={}",
+        if cuda_linked { "yes" } else { "no" }
+    );
+    println!(
+        "cargo:rustc-env=FSCT_LIBTORCH_VERSION={}",
+        libtorch_version(&lib)
+    );
+}
+
+/// The libtorch release, from the torch wheel's `torch/version.py` (`__version__ = '2.11.0+cu130'`,
+/// local part dropped) or a standalone libtorch's `build-version`; "unknown" when neither is there.
+fn libtorch_version(lib: &Path) -> String {
+    let Some(root) = lib.parent() else {
+        return "unknown".to_owned();
+    };
+    let from_wheel = std::fs::read_to_string(root.join("version.py"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("__version__ = "))
+                .map(|v| v.trim().trim_matches(|c| c == '\'' || c == '"').to_owned())
+        });
+    let version = from_wheel
+        .or_else(|| std::fs::read_to_string(root.join("build-version")).ok())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let version = version.trim();
+    version.split('+').next().unwrap_or(version).to_owned()
 }
 
 /// csrc/shim.cpp as a static library, with torch-sys's include folders and C++ ABI. It declares

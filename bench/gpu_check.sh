@@ -3,10 +3,11 @@
 # toolchain, maybe no libmpi, no network). Done in under 5 minutes: every step runs under
 # `timeout`, capped by what is left of BUDGET.
 #
-# Prepare (build machine, repo root):
-#   cargo build --release && strip -o fsct-dist-gpu target/release/fsct-dist
-#   # only if the GPU machine lacks OpenMPI: carry libmpi and its dependencies next to the repo
-#   mkdir -p .gpu-libs && ldd target/release/fsct-dist | grep -E 'mpi|open-pal|open-rte|hwloc|event|pmix' \
+# Prepare (build machine, repo root; a GPU is not needed there):
+#   bench/build_gpu_binary.sh   # release build against the full CUDA wheel set -> ./fsct-dist-gpu
+#   (a plain `cargo build` on a machine without a GPU links the CPU wheel set: no CUDA anywhere)
+#   # only if the GPU machine lacks OpenMPI or libturbojpeg: carry them and their dependencies
+#   mkdir -p .gpu-libs && ldd fsct-dist-gpu | grep -E 'mpi|open-pal|open-rte|hwloc|event|pmix|turbojpeg' \
 #     | awk '{print $3}' | xargs -I{} cp {} .gpu-libs/
 # Run (GPU machine, repo root):
 #   bench/gpu_check.sh                  # or FSCT=/path/to/fsct-dist bench/gpu_check.sh
@@ -86,7 +87,7 @@ main() {
   if timeout 15 ldd "$FSCT" | grep "not found"; then
     echo "WARN: libraries above are missing (MPI ones: carry them in .gpu-libs, see the header)"
   fi
-  timeout 15 ldd "$FSCT" | grep -q torch_cuda || echo "WARN: $FSCT does not link libtorch_cuda: CUDA may be unavailable"
+  timeout 15 ldd "$FSCT" | grep -q torch_cuda || echo "WARN: $FSCT does not link libtorch_cuda: CUDA is unavailable (build it with bench/build_gpu_binary.sh)"
   timeout 15 "$FSCT" --version
 
   # 2. A tiny dataset (6/5/5 classes, 21 images each: exactly 5 support + 16 query).

@@ -8,6 +8,7 @@
 #                         otherwise the CPU-minimal set of ~540 MB)
 #   FSCT_VENV=DIR         where the venv lives (default: <repo>/.venv)
 #   FSCT_SKIP_APT=1       do not touch system packages (when they are managed elsewhere)
+#   FSCT_LINK_VENV=0      leave <repo>/.venv as it is (a second venv, e.g. bench/build_gpu_binary.sh's)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,5 +61,5 @@ fi
 
 # 3. A stable path for the build: .cargo/config.toml points LIBTORCH at .venv/libtorch.
 ln -sfn "$site/torch" "$venv/libtorch"
-if [ "$venv" != "$repo/.venv" ]; then ln -sfn "$venv" "$repo/.venv"; fi
+if [ "$venv" != "$repo/.venv" ] && [ "${FSCT_LINK_VENV:-1}" != 0 ]; then ln -sfn "$venv" "$repo/.venv"; fi
 say "ready: libtorch $torch_version ($mode) at $venv/libtorch"

@@ -11,7 +11,16 @@ use crate::config::{Backbone, ConfigError, Method, Optimizer, RunConfig, Split};
 #[derive(Debug, Parser)]
 #[command(
     name = "fsct-dist",
-    version,
+    // Says which libtorch the binary was built against and whether libtorch_cuda is linked: a
+    // binary built with the CPU wheel set sees no GPU even on a GPU machine.
+    version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (libtorch ",
+        env!("FSCT_LIBTORCH_VERSION"),
+        ", CUDA linked: ",
+        env!("FSCT_CUDA_LINKED"),
+        ")"
+    ),
     about = "Few-Shot Cosine Transformer trainer (CPU, or MPI ranks on GPUs)"
 )]
 #[command(after_help = "Start with: fsct-dist train --config configs/quickstart.toml")]

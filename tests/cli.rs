@@ -125,6 +125,29 @@ fn train_writes_the_run_files_and_test_reproduces_its_accuracy() {
     );
 }
 
+/// `--version` names the libtorch and whether libtorch_cuda is linked, and that answer agrees with
+/// what the dynamic loader resolves for the binary (`ldd`): "no" for a CPU wheel-set build.
+#[test]
+fn version_says_whether_cuda_is_linked() {
+    let exe = env!("CARGO_BIN_EXE_fsct-dist");
+    let o = Command::new(exe)
+        .arg("--version")
+        .output()
+        .expect("binary runs");
+    assert!(o.status.success(), "{}", text(&o));
+    let line = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let prefix = format!("fsct-dist {} (libtorch 2.", env!("CARGO_PKG_VERSION"));
+    assert!(line.starts_with(&prefix), "version line: {line}");
+    let ldd = Command::new("ldd").arg(exe).output().expect("ldd runs");
+    let linked = String::from_utf8_lossy(&ldd.stdout).contains("libtorch_cuda.so");
+    let answer = if linked { "yes" } else { "no" };
+    assert!(
+        line.ends_with(&format!(", CUDA linked: {answer})")),
+        "ldd {} libtorch_cuda.so, but: {line}",
+        if linked { "lists" } else { "does not list" }
+    );
+}
+
 #[test]
 fn every_shipped_config_resolves() {
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
