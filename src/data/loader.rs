@@ -134,8 +134,15 @@ impl EpisodeLoader {
             let stop = stop.clone();
             match std::thread::Builder::new()
                 .name(format!("fsct-loader-{w}"))
-                .spawn(move || worker(&split, shape, cfg, epoch, jobs, done, &stop))
-            {
+                .spawn(move || {
+                    let source = Source {
+                        split: &split,
+                        shape,
+                        cfg,
+                        epoch,
+                    };
+                    worker(&source, jobs, done, &stop)
+                }) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     tracing::warn!(
@@ -194,22 +201,22 @@ impl EpisodeLoader {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn worker(
-    split: &SplitIndex,
+/// What a worker builds its episodes from: one epoch of one split.
+struct Source<'a> {
+    split: &'a SplitIndex,
     shape: EpisodeShape,
     cfg: LoaderConfig,
     epoch: u64,
-    jobs: Receiver<Job>,
-    done: Sender<Done>,
-    stop: &AtomicBool,
-) {
+}
+
+/// Builds the episodes whose indices arrive on `jobs` until the loader is dropped.
+fn worker(src: &Source<'_>, jobs: Receiver<Job>, done: Sender<Done>, stop: &AtomicBool) {
     while let Ok(index) = jobs.recv() {
         if stop.load(Ordering::Relaxed) {
             break; // the loader was dropped: skip the queued jobs
         }
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            load_episode(split, shape, &cfg, epoch, index)
+            load_episode(src.split, src.shape, &src.cfg, src.epoch, index)
         }))
         .unwrap_or_else(|p| {
             let message = p
