@@ -233,9 +233,3 @@ pub fn autocast_disabled(device: Device) -> Result<AutocastGuard, ShimError> {
     let kind = autocast_dtype(device)?.unwrap_or(Kind::BFloat16);
     AutocastGuard::new(device, kind, false)
 }
-
-/// Runs `f` under autocast to `kind` on `device`'s type.
-pub fn with_autocast<T>(device: Device, kind: Kind, f: impl FnOnce() -> T) -> Result<T, ShimError> {
-    let _guard = autocast(device, kind)?;
-    Ok(f())
-}

@@ -104,11 +104,6 @@ impl ModelConfig {
         }
     }
 
-    /// Images per episode: n_way · (k_shot + n_query), in class-major order.
-    pub fn episode_images(&self) -> i64 {
-        self.n_way * (self.k_shot + self.n_query)
-    }
-
     fn validate(&self) -> Result<(), ModelError> {
         let bad = |what: &str, v: i64| {
             Err(ModelError::InvalidConfig(format!(

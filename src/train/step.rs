@@ -51,17 +51,6 @@ pub struct StepOptions {
     pub oom_above_bytes: Option<u64>,
 }
 
-impl StepOptions {
-    pub fn plain() -> Self {
-        Self {
-            micro_steps: 1,
-            checkpoint: false,
-            loss_scale: 1.0,
-            oom_above_bytes: None,
-        }
-    }
-}
-
 /// What one episode's step reports (summed over the ranks that share the episode).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOutcome {
