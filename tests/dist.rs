@@ -531,40 +531,30 @@ fn ranks_without_queries_of_their_own_contribute_zero_and_the_gradient_stays_exa
 #[test]
 fn more_batchnorm_groups_than_images_is_refused_by_dry_run_under_a_launcher() {
     // The launcher's world size is read before MPI starts, so --dry-run sees it.
-    let out = Command::new(BIN)
-        .args([
-            "train",
-            "--dry-run",
-            "--n-way",
-            "2",
-            "--k-shot",
-            "1",
-            "--n-query",
-            "1",
-        ])
-        .env("OMPI_COMM_WORLD_SIZE", "6")
-        .output()
-        .unwrap();
+    let dry_run_on = |ranks: &str| {
+        Command::new(BIN)
+            .args([
+                "train",
+                "--dry-run",
+                "--n-way",
+                "2",
+                "--k-shot",
+                "1",
+                "--n-query",
+                "1",
+            ])
+            .env("OMPI_COMM_WORLD_SIZE", ranks)
+            .output()
+            .unwrap()
+    };
+    let out = dry_run_on("6");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("6 ranks") && err.contains("--shard episodes"),
         "{err}"
     );
-    let out = Command::new(BIN)
-        .args([
-            "train",
-            "--dry-run",
-            "--n-way",
-            "2",
-            "--k-shot",
-            "1",
-            "--n-query",
-            "1",
-        ])
-        .env("OMPI_COMM_WORLD_SIZE", "4")
-        .output()
-        .unwrap();
+    let out = dry_run_on("4");
     assert!(
         out.status.success(),
         "{}",

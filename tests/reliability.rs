@@ -485,6 +485,15 @@ fn train_cmd(extra: &[&str]) -> Vec<String> {
     extra.iter().map(|s| s.to_string()).collect()
 }
 
+/// `train --resume RUN` with `extra` flags.
+fn resume_args(run: &Path, extra: &[&str]) -> Vec<String> {
+    [&["train", "--resume", run.to_str().unwrap()][..], extra]
+        .concat()
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// The files of a folder, name → bytes (one level, plus checkpoints/), to show nothing changed.
 fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v = Vec::new();
@@ -575,13 +584,7 @@ fn a_run_folder_in_use_is_refused_to_a_second_train_resume_or_test() {
     let b = dir.path().join("b");
     ok(run(&args(&ds, &b, &["--max-steps", "1"])));
     let mut first = Command::new(BIN)
-        .args(train_cmd(&[
-            "train",
-            "--resume",
-            b.to_str().unwrap(),
-            "--max-steps",
-            "400",
-        ]))
+        .args(resume_args(&b, &["--max-steps", "400"]))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -591,7 +594,7 @@ fn a_run_folder_in_use_is_refused_to_a_second_train_resume_or_test() {
         Duration::from_secs(60),
         "the first run did not start",
     );
-    let resume = run(&train_cmd(&["train", "--resume", b.to_str().unwrap()]));
+    let resume = run(&resume_args(&b, &[]));
     fails_with(&resume, "in use by another fsct-dist process");
     assert!(String::from_utf8_lossy(&resume.stderr).contains(&format!("pid {}", first.id())));
     fails_with(&run(&args(&ds, &b, &["--overwrite"])), "in use");
@@ -602,13 +605,7 @@ fn a_run_folder_in_use_is_refused_to_a_second_train_resume_or_test() {
     first.kill().unwrap();
     first.wait().unwrap();
     // The kernel released the lock with the process: the run can be continued.
-    ok(run(&train_cmd(&[
-        "train",
-        "--resume",
-        b.to_str().unwrap(),
-        "--max-steps",
-        "6",
-    ])));
+    ok(run(&resume_args(&b, &["--max-steps", "6"])));
 }
 
 #[test]
@@ -619,34 +616,15 @@ fn resume_with_another_output_folder_is_refused_and_the_same_one_is_accepted() {
     ok(run(&args(&ds, &b, &["--max-steps", "1"])));
     let before = snapshot(&b);
     let other = dir.path().join("other");
-    let out = run(&train_cmd(&[
-        "train",
-        "--resume",
-        b.to_str().unwrap(),
-        "--output",
-        other.to_str().unwrap(),
-    ]));
+    let out = run(&resume_args(&b, &["--output", other.to_str().unwrap()]));
     fails_with(&out, "continues the run in its own folder");
     assert_eq!(snapshot(&b), before);
     assert!(!other.exists());
-    fails_with(
-        &run(&train_cmd(&[
-            "train",
-            "--resume",
-            b.to_str().unwrap(),
-            "--overwrite",
-        ])),
-        "only one of them",
-    );
-    ok(run(&train_cmd(&[
-        "train",
-        "--resume",
-        b.to_str().unwrap(),
-        "--output",
-        b.to_str().unwrap(),
-        "--max-steps",
-        "2",
-    ])));
+    fails_with(&run(&resume_args(&b, &["--overwrite"])), "only one of them");
+    ok(run(&resume_args(
+        &b,
+        &["--output", b.to_str().unwrap(), "--max-steps", "2"],
+    )));
 }
 
 /// (kind, step or epoch) of every metrics line: what the log says happened, without timings.
@@ -678,13 +656,7 @@ fn after_a_kill_and_resume_metrics_hold_every_step_once() {
         &["--max-steps", "6", "--checkpoint-every", "1"],
     )));
     std::fs::remove_dir_all(b.join("checkpoints/step-00000006")).unwrap();
-    ok(run(&train_cmd(&[
-        "train",
-        "--resume",
-        b.to_str().unwrap(),
-        "--max-steps",
-        "6",
-    ])));
+    ok(run(&resume_args(&b, &["--max-steps", "6"])));
     assert_eq!(
         metric_events(&b.join("metrics.jsonl")),
         metric_events(&a.join("metrics.jsonl"))
@@ -699,7 +671,7 @@ fn checkpoint_positions_that_cannot_be_right_are_refused() {
     ok(run(&args(&ds, &b, &["--max-steps", "2"])));
     let state_path = b.join("checkpoints/step-00000002/checkpoint.json");
     let state = std::fs::read_to_string(&state_path).unwrap();
-    let resume = || run(&train_cmd(&["train", "--resume", b.to_str().unwrap()]));
+    let resume = || run(&resume_args(&b, &[]));
     for (from, to, needle) in [
         ("\"micro_steps\": 1", "\"micro_steps\": 0", "micro-steps"),
         (
@@ -721,13 +693,7 @@ fn checkpoint_positions_that_cannot_be_right_are_refused() {
     std::fs::write(&state_path, &state).unwrap();
     // Resuming with another epoch length moves every position: refused too.
     fails_with(
-        &run(&train_cmd(&[
-            "train",
-            "--resume",
-            b.to_str().unwrap(),
-            "--episodes-per-epoch",
-            "1",
-        ])),
+        &run(&resume_args(&b, &["--episodes-per-epoch", "1"])),
         "episodes-per-epoch",
     );
 }
@@ -747,13 +713,7 @@ fn stale_temp_folders_of_dead_processes_are_removed_at_start() {
     std::fs::write(stale_ckpt.join("model.safetensors"), vec![0u8; 4096]).unwrap();
     let stale_file = b.join(format!(".tmp-{dead}-last.safetensors"));
     std::fs::write(&stale_file, b"half").unwrap();
-    ok(run(&train_cmd(&[
-        "train",
-        "--resume",
-        b.to_str().unwrap(),
-        "--max-steps",
-        "2",
-    ])));
+    ok(run(&resume_args(&b, &["--max-steps", "2"])));
     assert!(!stale_ckpt.exists() && !stale_file.exists());
 
     let stale_synth = dir.path().join(format!(".ds2.tmp-{dead}-1"));
