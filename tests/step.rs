@@ -4,9 +4,10 @@
 mod common;
 use common::worst_grad_error;
 use fsct_dist::config::{Backbone, Method};
+use fsct_dist::distributed::Local;
 use fsct_dist::memory::NoProfile;
 use fsct_dist::model::{BnMode, FewShotModel, ModelConfig};
-use fsct_dist::train::step::{balanced_groups, forward_backward, StepOptions};
+use fsct_dist::train::step::{balanced_groups, forward_backward, StepOptions, StepOutcome};
 use tch::{nn, Device, Kind, Tensor};
 
 const N_WAY: i64 = 3;
@@ -20,7 +21,18 @@ fn opts(micro_steps: i64, checkpoint: bool, loss_scale: f64) -> StepOptions {
         checkpoint,
         loss_scale,
         oom_above_bytes: None,
+        total_images: 0, // set from the episode by step_alone
+        agree: false,
     }
+}
+
+/// The trainer's step engine on one process (the `Local` communicator), on the whole episode `x`.
+fn step_alone(model: &FewShotModel, x: &Tensor, opts: StepOptions) -> StepOutcome {
+    let opts = StepOptions {
+        total_images: x.size()[0],
+        ..opts
+    };
+    forward_backward(model, x, opts, &Local, &mut NoProfile).expect("a step on the CPU")
 }
 
 fn build(method: Method, seed: i64) -> (nn::VarStore, FewShotModel) {
@@ -88,8 +100,8 @@ fn micro_steps_equal_one_plain_backward_over_the_same_groups() {
             let (vs_ref, reference) = build(method, 11);
             let (vs, model) = twin(&vs_ref, method, Backbone::Conv4, SIZE);
             plain_backward_over_groups(&reference, &x, m);
-            let out = forward_backward(&model, &x, opts(m, false, 1.0), &mut NoProfile);
-            assert!(out.loss.double_value(&[]).is_finite());
+            let out = step_alone(&model, &x, opts(m, false, 1.0));
+            assert!(out.loss.is_finite());
             let (err, name) = worst_grad_error(&vs, &vs_ref);
             assert!(
                 err <= 1e-5,
@@ -120,8 +132,8 @@ fn activation_checkpointing_gives_the_same_gradients_and_statistics() {
         for m in [1, 2] {
             let (vs_ref, reference) = build_with(method, backbone, size, 21);
             let (vs, model) = twin(&vs_ref, method, backbone, size);
-            forward_backward(&reference, &x, opts(m, false, 1.0), &mut NoProfile);
-            forward_backward(&model, &x, opts(m, true, 1.0), &mut NoProfile);
+            step_alone(&reference, &x, opts(m, false, 1.0));
+            step_alone(&model, &x, opts(m, true, 1.0));
             let (err, name) = worst_grad_error(&vs, &vs_ref);
             assert!(err <= 1e-5, "{method:?}/{backbone:?} M={m}: checkpointed gradient of {name} differs by {err:.2e}");
             let stats = buffers_equal(&vs, &vs_ref);
@@ -143,8 +155,8 @@ fn batchnorm_groups_change_the_objective() {
     );
     let (vs1, m1) = build(Method::FsctCosine, 5);
     let (vs4, m4) = twin(&vs1, Method::FsctCosine, Backbone::Conv4, SIZE);
-    forward_backward(&m1, &x, opts(1, false, 1.0), &mut NoProfile);
-    forward_backward(&m4, &x, opts(4, false, 1.0), &mut NoProfile);
+    step_alone(&m1, &x, opts(1, false, 1.0));
+    step_alone(&m4, &x, opts(4, false, 1.0));
     let (err, _) = worst_grad_error(&vs4, &vs1);
     assert!(
         err > 1e-3,
@@ -160,8 +172,8 @@ fn loss_scale_scales_every_gradient() {
     );
     let (vs_a, a) = build(Method::FsctCosine, 3);
     let (vs_b, b) = twin(&vs_a, Method::FsctCosine, Backbone::Conv4, SIZE);
-    forward_backward(&a, &x, opts(2, false, 0.5), &mut NoProfile);
-    forward_backward(&b, &x, opts(2, false, 1.0), &mut NoProfile);
+    step_alone(&a, &x, opts(2, false, 0.5));
+    step_alone(&b, &x, opts(2, false, 1.0));
     for t in vs_a.variables().values() {
         let mut g = t.grad();
         if g.defined() {
@@ -234,12 +246,7 @@ fn episodes_per_step_averages_the_episode_gradients() {
     let cfg = train::loader_config(&r, false);
     for index in 0..2 {
         let ep = data::load_episode(&split, built.shape, &cfg, 0, index).unwrap();
-        forward_backward(
-            &built.model,
-            &ep.images.flatten(0, 1),
-            opts(1, false, 0.5),
-            &mut NoProfile,
-        );
+        step_alone(&built.model, &ep.images.flatten(0, 1), opts(1, false, 0.5));
     }
     let vars = built.vs.variables();
     let total: f64 = dumped

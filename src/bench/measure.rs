@@ -11,7 +11,7 @@ use crate::data::{EpisodeLoader, LoadedEpisode, LoaderConfig};
 use crate::distributed::Communicator;
 use crate::memory::{MemoryProfiler, Meter, Phase, PhaseSink, StepMemory};
 use crate::train::amp::{AmpMode, GradScaler};
-use crate::train::optimizer_step::{optimizer_step, reload_episode, StepPlan};
+use crate::train::optimizer_step::{optimizer_step, reload_episode, StepHooks, StepPlan, Trainee};
 use crate::train::{build_on, dataset_root_on, loader_config, open_split, Built};
 
 /// Per-step numbers of one measured setting (steps after the warm-up).
@@ -138,17 +138,18 @@ pub fn measure_steps(
             .collect::<Result<_, _>>()?;
         let sent_before = comm.bytes_sent();
         let reload = |e: &LoadedEpisode, slice| reload_episode(&base, shape, &cfg, e, slice);
-        optimizer_step(
-            &mut plan,
-            &model,
-            &vs,
-            &mut opt,
-            &mut scaler,
-            episodes,
-            &reload,
-            &mut |_| Ok(()),
-            &mut profiler,
-        )?;
+        let trainee = Trainee {
+            model: &model,
+            vs: &vs,
+            opt: &mut opt,
+            scaler: &mut scaler,
+        };
+        let hooks = StepHooks {
+            reload: &reload,
+            before_optimizer: &mut |_| Ok(()),
+            phases: &mut profiler,
+        };
+        optimizer_step(&mut plan, trainee, episodes, hooks)?;
         if device.is_cuda() && plan.empty_cache_every > 0 {
             crate::ffi::cuda::empty_cache()?;
         }

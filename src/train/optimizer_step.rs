@@ -18,7 +18,8 @@ use crate::distributed::{Communicator, Local};
 use crate::memory::{Meter, Phase, PhaseSink};
 use crate::model::FewShotModel;
 
-/// What stays fixed for the whole run.
+/// How the run's optimizer steps are taken: fixed for the run except `micro_steps`, which
+/// dynamic micro-steps raise after an out-of-memory (and a resume restores).
 pub struct StepPlan<'a> {
     pub comm: &'a dyn Communicator,
     pub shard: ShardMode,
@@ -104,22 +105,44 @@ pub struct StepReport {
     pub stepped: bool,
 }
 
+/// What an optimizer step changes: the model's parameters (through `vs`), the optimizer's and
+/// the loss scaler's state.
+pub struct Trainee<'a> {
+    pub model: &'a FewShotModel,
+    pub vs: &'a nn::VarStore,
+    pub opt: &'a mut Optimizer,
+    pub scaler: &'a mut GradScaler,
+}
+
+/// What the caller adds to a step: how to reload an episode with another slice, a look at the
+/// reduced gradients before the optimizer (`--dump-grads`), and where phases are reported.
+pub struct StepHooks<'a> {
+    pub reload: &'a Reload<'a>,
+    pub before_optimizer: &'a mut dyn FnMut(&nn::VarStore) -> Result<()>,
+    pub phases: &'a mut dyn PhaseSink,
+}
+
 /// Runs one optimizer step over `episodes` (this rank's share, already loaded with
 /// [`StepPlan::slice`]). Under `dynamic`, an out-of-memory anywhere doubles the micro-steps,
-/// restores the BatchNorm statistics and redoes the step's episodes (reloaded through `reload`
-/// with the new slice).
-#[allow(clippy::too_many_arguments)]
+/// restores the BatchNorm statistics and redoes the step's episodes (reloaded through
+/// `hooks.reload` with the new slice).
 pub fn optimizer_step(
     plan: &mut StepPlan,
-    model: &FewShotModel,
-    vs: &nn::VarStore,
-    opt: &mut Optimizer,
-    scaler: &mut GradScaler,
+    t: Trainee,
     mut episodes: Vec<LoadedEpisode>,
-    reload: &Reload,
-    before_optimizer: &mut dyn FnMut(&nn::VarStore) -> Result<()>,
-    phases: &mut dyn PhaseSink,
+    hooks: StepHooks,
 ) -> Result<StepReport> {
+    let Trainee {
+        model,
+        vs,
+        opt,
+        scaler,
+    } = t;
+    let StepHooks {
+        reload,
+        before_optimizer,
+        phases,
+    } = hooks;
     let world = plan.comm.world();
     let bn = bn_sync::buffers(vs);
     let start = if plan.dynamic {
@@ -139,17 +162,11 @@ pub fn optimizer_step(
                 checkpoint: plan.checkpoint,
                 loss_scale: scaler.scale_factor() * plan.episode_scale,
                 oom_above_bytes: plan.oom_above_bytes,
+                total_images: plan.total_images,
+                agree: plan.dynamic,
             };
             let autocast = plan.amp.autocast(plan.device)?;
-            let result = step::forward_backward_sharded(
-                model,
-                &x,
-                plan.total_images,
-                opts,
-                plan.episode_comm(),
-                plan.dynamic,
-                phases,
-            );
+            let result = step::forward_backward(model, &x, opts, plan.episode_comm(), phases);
             drop(autocast);
             match result {
                 Ok(o) => outcomes.push(o),

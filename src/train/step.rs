@@ -18,7 +18,7 @@ use tch::Tensor;
 
 use crate::distributed::Communicator;
 use crate::memory::{Phase, PhaseSink};
-use crate::model::{self, BnMode, FewShotModel, HeadOutput};
+use crate::model::{self, BnMode, FewShotModel};
 use crate::oom::catch as guard_oom;
 
 /// `n` items in `g` contiguous groups whose sizes differ by at most one, larger groups first.
@@ -49,6 +49,12 @@ pub struct StepOptions {
     /// Test hook: a backbone chunk whose input tensor exceeds this many bytes fails as if the
     /// allocator ran out of memory.
     pub oom_above_bytes: Option<u64>,
+    /// Images in the whole episode (the ranks sharing it each hold a slice).
+    pub total_images: i64,
+    /// Dynamic micro-steps: every rank learns of an out-of-memory on any rank at the next
+    /// collective, so all of them return [`StepError::OutOfMemory`] together instead of
+    /// waiting on one that gave up.
+    pub agree: bool,
 }
 
 /// What one episode's step reports (summed over the ranks that share the episode).
@@ -96,37 +102,6 @@ pub fn rank_groups(
     (mine, slice)
 }
 
-/// Forward and backward of one whole episode `x` (N, 3, S, S) in class-major order on one
-/// process, accumulating gradients into the model's parameters (`.grad`). Returns the head
-/// output. Phase boundaries are reported to `phases` (the memory profiler, or
-/// [`crate::memory::NoProfile`]).
-pub fn forward_backward(
-    model: &FewShotModel,
-    x: &Tensor,
-    opts: StepOptions,
-    phases: &mut dyn PhaseSink,
-) -> HeadOutput {
-    if opts.micro_steps <= 1 && !opts.checkpoint {
-        // The fast path: one graph, one backward, nothing recomputed.
-        phases.enter(Phase::BackboneForward);
-        let emb = model.embed(x, true);
-        phases.enter(Phase::Head);
-        let out = model.head(&emb);
-        phases.enter(Phase::Backward);
-        scaled(&out.loss, opts.loss_scale).backward();
-        return out;
-    }
-    let groups = balanced_groups(x.size()[0], opts.micro_steps);
-    phases.enter(Phase::BackboneForward);
-    let emb = embed_groups(model, x, &groups).set_requires_grad(true);
-    phases.enter(Phase::Head);
-    let out = model.head(&emb);
-    phases.enter(Phase::Backward);
-    scaled(&out.loss, opts.loss_scale).backward();
-    backward_groups(model, x, &groups, &emb.grad(), opts.checkpoint);
-    out
-}
-
 /// Embeddings of `x` group by group under `no_grad` (running statistics updated once per group).
 fn embed_groups(model: &FewShotModel, x: &Tensor, groups: &[Range<i64>]) -> Tensor {
     tch::no_grad(|| {
@@ -159,26 +134,25 @@ fn backward_groups(
     }
 }
 
-/// One episode's forward and backward shared by the ranks of `comm` (`--shard images`; with a
-/// world of one it is the single-process step). `x` holds this rank's slice of the episode
-/// (see [`rank_groups`]), `total` the episode's image count. Each rank embeds its slice in its
-/// micro-steps, the embeddings are all-gathered, each rank computes the head loss of its share
-/// of the queries (rank 0 adds the VIC terms), the embedding gradients are summed over ranks,
-/// and each rank backpropagates its slice. Parameter gradients are left for the caller to
-/// all-reduce once per optimizer step.
-///
-/// `agree` (dynamic micro-steps) makes every rank learn of an out-of-memory on any rank at the
-/// next collective, so all of them return [`StepError::OutOfMemory`] together instead of
-/// waiting on one that gave up.
-pub fn forward_backward_sharded(
+/// The step engine: one episode's forward and backward, shared by the ranks of `comm` (the
+/// world under `--shard images`; [`crate::distributed::Local`] for one process or
+/// `--shard episodes`, where every collective is the identity). `x` (n, 3, S, S) holds this
+/// rank's slice of the class-major episode (see [`rank_groups`]; the whole episode alone).
+/// Each rank embeds its slice in its micro-steps, the embeddings are all-gathered, each rank
+/// computes the head loss of its share of the queries (rank 0 adds the VIC terms), the
+/// embedding gradients are summed over ranks, and each rank backpropagates its slice.
+/// Parameter gradients accumulate in `.grad`, left for the caller to all-reduce once per
+/// optimizer step. Alone with M = 1 and no checkpointing it is one plain graph and backward:
+/// no gather, no recompute. Phase boundaries go to `phases` (the memory profiler, or
+/// [`crate::memory::NoProfile`]).
+pub fn forward_backward(
     model: &FewShotModel,
     x: &Tensor,
-    total: i64,
     opts: StepOptions,
     comm: &dyn Communicator,
-    agree: bool,
     phases: &mut dyn PhaseSink,
 ) -> Result<StepOutcome, StepError> {
+    let (total, agree) = (opts.total_images, opts.agree);
     let world = comm.world();
     let (w, rank) = (world.size, world.rank);
     let cfg = model.config();
