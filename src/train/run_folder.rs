@@ -99,42 +99,51 @@ fn is_run(dir: &Path) -> bool {
         .any(|f| dir.join(f).exists())
 }
 
-/// Claims `dir` for a fresh run: it must be missing or empty, unless `overwrite` moves what is
-/// there aside (to `DIR.old-DATE-TIME`) first. Returns the lock, held for the run.
-pub fn claim_fresh(dir: &Path, overwrite: bool) -> Result<RunLock> {
+/// Whether a fresh run may start in `dir` (missing, empty, or `overwrite`): the check of
+/// [`claim_fresh`], without taking the lock or moving anything (`--dry-run` makes it too).
+pub fn check_fresh(dir: &Path, overwrite: bool) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!(
             "the output {} is a file, not a folder; choose another --output",
             dir.display()
         );
     }
-    let lock_here = lock(dir)?;
     let found = contents(dir);
-    if found.is_empty() {
-        return Ok(lock_here);
+    if found.is_empty() || overwrite {
+        return Ok(());
     }
     let what = if is_run(dir) {
         "holds another training run"
     } else {
         "is not empty and is not an fsct-dist run folder"
     };
-    if !overwrite {
-        let resume = if dir.join(super::checkpoint::DIR).is_dir() {
-            format!(" continue that run with `--resume {}`, or", dir.display())
-        } else {
-            String::new()
-        };
-        bail!(
-            "the output folder {} {what} ({} entries, e.g. {});{resume} start over with \
-             --overwrite (the old folder is moved aside, nothing is deleted), or choose another \
-             --output",
-            dir.display(),
-            found.len(),
-            found[0]
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        );
+    let resume = if dir.join(super::checkpoint::DIR).is_dir() {
+        format!(" continue that run with `--resume {}`, or", dir.display())
+    } else {
+        String::new()
+    };
+    bail!(
+        "the output folder {} {what} ({} entries, e.g. {});{resume} start over with \
+         --overwrite (the old folder is moved aside, nothing is deleted), or choose another \
+         --output",
+        dir.display(),
+        found.len(),
+        found[0]
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+}
+
+/// Claims `dir` for a fresh run: it must be missing or empty, unless `overwrite` moves what is
+/// there aside (to `DIR.old-DATE-TIME`) first. Returns the lock, held for the run.
+pub fn claim_fresh(dir: &Path, overwrite: bool) -> Result<RunLock> {
+    check_fresh(dir, true)?; // not a file (the lock needs a folder)
+    let lock_here = lock(dir)?;
+    // The contents are judged under the lock: no other run can be writing there now.
+    check_fresh(dir, overwrite)?;
+    if contents(dir).is_empty() {
+        return Ok(lock_here);
     }
     let aside = aside_name(dir);
     // The old folder moves whole, our lock with it (no other process can be writing there: we
