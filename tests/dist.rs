@@ -525,7 +525,10 @@ fn ranks_without_queries_of_their_own_contribute_zero_and_the_gradient_stays_exa
         ),
     );
     let (err, name) = worst_error(&read(&multi), &read(&single));
-    assert!(err <= 1e-5, "gradient of {name} differs by {err:.2e}");
+    // fp32 sums of three ranks' parts in another order than one process's: on an AVX-512 CPU
+    // the weight-norm gain of the head's last Linear (a gradient with much cancellation, from
+    // 2 queries) differs by 1.2e-5; a rank that added anything but zero would differ by ~1.
+    assert!(err <= 3e-5, "gradient of {name} differs by {err:.2e}");
 }
 
 #[test]
