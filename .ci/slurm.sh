@@ -4,7 +4,9 @@
 #   a) a 2-rank job completes with exit 0 and the test line; the ranks know rank/size from PMIx;
 #   b) a job stopped mid-training (`scancel --signal=TERM --batch`) checkpoints, exits 3, is
 #      requeued, resumes and completes, with last.safetensors identical to (a)'s;
-#   c) a job with a real time limit (--time, --signal=B:USR1@N) requeues until it is done.
+#   c) a job with a real time limit (--time, --signal=B:USR1@N) requeues until it is done;
+#   d) a rank killed mid-training (kill -9) is named by the surviving rank, and the job fails
+#      at once instead of waiting for Slurm's KillWait.
 # Skips (exit 0, one line) only where Slurm cannot be installed. Daemons are stopped by PID.
 #   bash .ci/slurm.sh            (FSCT=path/to/fsct-dist to test another binary)
 set -euo pipefail
@@ -183,6 +185,26 @@ grep -q "requeueing job $b (exit 3)" "$work/b.log" || fail "job b's ranks did no
 grep -q "resuming $work/b" "$work/b.log" || fail "job b did not resume"
 cmp "$work/a/last.safetensors" "$work/b/last.safetensors" || fail "job b's weights differ from job a's"
 log "b) checkpointed, exit 3, requeued ($restarts restart), resumed, COMPLETED $((SECONDS - stop_at)) s after the signal; last.safetensors identical to a's"
+
+# (d) rank 1 killed with SIGKILL mid-training: rank 0 sees it gone (/proc) while it waits in
+# a collective, names it, and ends the job; it is not requeued (a crash is not a preemption).
+d=$(FSCT_ARGS="--epochs 32" submit d)
+deadline=$((SECONDS + 60))
+until compgen -G "$work/d/checkpoints/step-00000003" > /dev/null; do
+  [ $SECONDS -lt $deadline ] || fail "job d wrote no checkpoint of step 3 in 60 s: $(field "$d" JobState)"
+  sleep 0.2
+done
+victim=""
+for p in $(pgrep -f "$FSCT train"); do
+  tr '\0' '\n' < "/proc/$p/environ" 2> /dev/null | grep -qx SLURM_PROCID=1 && victim=$p
+done
+[ -n "$victim" ] || fail "job d: no process of rank 1 found"
+kill -9 "$victim"
+killed_at=$SECONDS
+state_d=$(wait_job "$d" 60)
+[ "$state_d" = FAILED ] || fail "job d: $state_d (expected FAILED)"
+grep -q "rank 1 (pid $victim) ended while this rank waited" "$work/d.log" || fail "job d: rank 0 did not name the killed rank"
+log "d) rank 1 (pid $victim) killed: FAILED $((SECONDS - killed_at)) s later; rank 0 said: $(grep -o "error on rank 0 of 2: rank 1.* of step [0-9]*" "$work/d.log" | head -1)"
 
 # (c) a real time limit: the signal comes N s before it, every start makes progress.
 # About 50 s of work (32 epochs). slurmctld checks time limits every 30 s and sends the

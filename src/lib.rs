@@ -47,21 +47,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Some(_) => None,
             };
             let about = config::start::summary(&resolved, start.as_ref());
-            if args.dry_run {
-                about.iter().for_each(|l| println!("# {l}"));
-                print!("{}", resolved.config.to_toml());
-                return Ok(ExitCode::SUCCESS);
-            }
             anyhow::ensure!(
                 !(args.overwrite && resume.is_some()),
                 "--overwrite starts a new run and --resume continues one; pass only one of them"
             );
             if let Some(s) = &start {
                 s.check_file()?;
-            }
-            about.iter().for_each(|l| tracing::info!("{l}"));
-            if let Some(config::Start::RandomAsked { warning }) = &start {
-                tracing::warn!("{warning}");
             }
             let begin = match &resume {
                 Some(ckpt) => train::Start::Resume(ckpt),
@@ -74,6 +65,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 grads: args.dump_grads.clone(),
                 simulate_oom_above_bytes: args.simulate_oom_above_bytes,
             };
+            if args.dry_run {
+                // Every check a start makes before its first step, nothing written.
+                let checked = train::preflight(&resolved, &dumps, begin)?;
+                about.iter().chain(&checked).for_each(|l| println!("# {l}"));
+                print!("{}", resolved.config.to_toml());
+                return Ok(ExitCode::SUCCESS);
+            }
+            about.iter().for_each(|l| tracing::info!("{l}"));
+            if let Some(config::Start::RandomAsked { warning }) = &start {
+                tracing::warn!("{warning}");
+            }
             let mut preempted = None;
             on_every_rank(&resolved, |comm| {
                 let summary = train::train(&resolved, &dumps, comm, begin)?;
@@ -199,7 +201,7 @@ fn on_every_rank(
         comm,
         std::time::Duration::from_secs(resolved.config.run.collective_timeout),
         world.device_for(resolved.device),
-    );
+    )?;
     if world.size == 1 {
         return job(comm.as_ref());
     }

@@ -793,6 +793,41 @@ fn a_missing_or_too_small_test_split_and_bad_dump_paths_fail_before_training() {
     assert!(!dir.path().join("o3/checkpoints").exists());
 }
 
+/// `--dry-run` makes the checks a start makes before its first step — the output folder, the
+/// dump paths, every split — and writes nothing.
+#[test]
+fn dry_run_refuses_what_a_start_would_refuse_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    let dry =
+        |out: &Path, extra: &[&str]| run(&args(&ds, out, &[&["--dry-run"][..], extra].concat()));
+    let fresh = dir.path().join("fresh");
+    let out = ok(dry(&fresh, &[]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("# dataset: "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!fresh.exists(), "a dry run creates no output folder");
+    // A folder holding a run: refused as a start would, and left as it was, even with
+    // --overwrite (which a dry run only checks).
+    let taken = dir.path().join("taken");
+    std::fs::create_dir_all(taken.join("checkpoints")).unwrap();
+    std::fs::write(taken.join("metrics.jsonl"), b"{}\n").unwrap();
+    let before = snapshot(&taken);
+    fails_with(&dry(&taken, &[]), "holds another training run");
+    ok(dry(&taken, &["--overwrite"]));
+    assert_eq!(snapshot(&taken), before);
+    let missing = dir.path().join("no/such/folder/g.safetensors");
+    fails_with(
+        &dry(&fresh, &["--dump-grads", missing.to_str().unwrap()]),
+        "does not exist",
+    );
+    std::fs::remove_file(ds.join("novel.json")).unwrap();
+    fails_with(&dry(&fresh, &[]), "novel");
+    assert!(!fresh.exists());
+}
+
 // ---------- hostile files ----------
 
 /// Replaces the first base class's images with what `make` creates at each path.

@@ -140,6 +140,8 @@ fn official_resnet_names_mean_the_official_networks_and_say_their_start() {
         d,
     );
     assert_user_error(&o, &["FetiResNet34", "FETI checkpoint"]);
+    // The dry run checks the file is there (as a start does), not what it holds.
+    std::fs::write(d.join("w.safetensors"), b"").unwrap();
     let o = fsct(
         &[
             "train",
@@ -160,9 +162,9 @@ fn official_resnet_names_mean_the_official_networks_and_say_their_start() {
             && all.contains("backbone = \"FetiResNet34\""),
         "{all}"
     );
-    // A file that is not there stops the run before any work (the dry run does not open it).
-    let o = fsct(
-        &[
+    // A file that is not there stops the run before any work, and the dry run says so too.
+    for dry in [false, true] {
+        let mut args = vec![
             "train",
             "--backbone",
             "ResNet18",
@@ -170,13 +172,15 @@ fn official_resnet_names_mean_the_official_networks_and_say_their_start() {
             "nosuch.safetensors",
             "--output",
             "o",
-        ],
-        d,
-    );
-    assert_user_error(
-        &o,
-        &["nosuch.safetensors is not a file", "--pretrained none"],
-    );
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        assert_user_error(
+            &fsct(&args, d),
+            &["nosuch.safetensors is not a file", "--pretrained none"],
+        );
+    }
     assert!(!d.join("o").exists(), "nothing written");
     // Conv backbones have no pretrained weights.
     let o = fsct(

@@ -12,7 +12,7 @@ use crate::distributed::Communicator;
 use crate::memory::{MemoryProfiler, Meter, Phase, PhaseSink, StepMemory};
 use crate::train::amp::{AmpMode, GradScaler};
 use crate::train::optimizer_step::{optimizer_step, reload_episode, StepHooks, StepPlan, Trainee};
-use crate::train::{build_on, dataset_root_on, loader_config, open_split, Built};
+use crate::train::{build_on, dataset_root_on, loader_config, open_split, Built, EpochPlan};
 
 /// Per-step numbers of one measured setting (steps after the warm-up).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,21 +99,11 @@ pub fn measure_steps(
     };
     let amp = plan.amp;
     let k = c.train.episodes_per_step;
-    let per_step = match plan.shard {
-        ShardMode::Images => k,
-        ShardMode::Episodes => k * world.size as u64,
-    };
+    let epochs = EpochPlan::new(c, world);
+    let per_step = epochs.per_step;
     let total = warmup + steps;
-    let order: Vec<u64> = (0..total)
-        .flat_map(|s| {
-            let first = s * per_step
-                + match plan.shard {
-                    ShardMode::Images => 0,
-                    ShardMode::Episodes => world.rank as u64 * k,
-                };
-            first..first + k
-        })
-        .collect();
+    // The trainer's order: the first `total` steps of an epoch.
+    let order = epochs.episodes(total);
     let cfg = loader_config(r, c.data.train_aug);
     let mut loader = EpisodeLoader::with_indices(
         Arc::clone(&base),

@@ -8,6 +8,7 @@
 
 pub mod mpi;
 pub mod nccl;
+pub mod peers;
 pub mod watchdog;
 
 use std::fmt;

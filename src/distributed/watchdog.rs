@@ -12,6 +12,10 @@
 //! on the GPU), then MPI_Abort; if even that hangs, the process leaves with `_exit(1)` so the
 //! launcher (`mpirun`, `srun --kill-on-bad-exit`) ends the rest.
 //!
+//! While it waits, the thread also looks for peers on this machine that died ([`super::peers`]):
+//! a rank killed under `srun` would otherwise leave the others waiting, with no word of which
+//! rank went, until Slurm ends the step.
+//!
 //! A wait is only a stall when no rank reaches the collective for that long: the limit
 //! (`--collective-timeout`, default 600 s as NCCL's own watchdog) must exceed the longest time
 //! one rank works alone while the others wait (rank 0 writing a checkpoint, creating the
@@ -24,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tch::{Device, Tensor};
 
+use super::peers::{local_peers, Peer};
 use super::{AbortHandle, Communicator, World};
 
 /// The collectives, by the name the message gives.
@@ -62,16 +67,18 @@ pub struct Watched {
 }
 
 /// Wraps `inner` in a watchdog of `timeout` (a world of one, or a zero timeout, is returned
-/// as it is: nothing to wait for, or no limit asked). `device` is this rank's device.
+/// as it is: nothing to wait for, or no limit asked). `device` is this rank's device. Every
+/// rank calls it (it exchanges the pids that [`super::peers`] checks).
 pub fn watch(
     inner: Box<dyn Communicator>,
     timeout: Duration,
     device: Device,
-) -> Box<dyn Communicator> {
+) -> Result<Box<dyn Communicator>> {
     let world = inner.world();
     if world.size == 1 || timeout.is_zero() {
-        return inner;
+        return Ok(inner);
     }
+    let peers = local_peers(inner.as_ref())?;
     let stamp = Arc::new(Stamp {
         origin: Instant::now(),
         since_ms: AtomicU64::new(0),
@@ -83,17 +90,17 @@ pub fn watch(
     let watched = Arc::clone(&stamp);
     std::thread::Builder::new()
         .name("collective-watchdog".into())
-        .spawn(move || watchdog(&watched, world, timeout, abort))
+        .spawn(move || watchdog(&watched, world, timeout, &peers, abort))
         .expect("spawning the watchdog thread");
     let cuda_sync = match (inner.name(), device) {
         ("nccl", Device::Cuda(i)) => Some(i as i64),
         _ => None,
     };
-    Box::new(Watched {
+    Ok(Box::new(Watched {
         inner,
         stamp,
         cuda_sync,
-    })
+    }))
 }
 
 /// The stall message (the same on every rank that sees one).
@@ -109,33 +116,67 @@ pub fn stall_message(world: World, what: &str, step: u64, waited: Duration) -> S
     )
 }
 
-fn watchdog(stamp: &Stamp, world: World, timeout: Duration, abort: AbortHandle) {
+/// The message when a peer on this machine died during a collective.
+pub fn dead_peer_message(world: World, peer: &Peer, what: &str, step: u64) -> String {
+    format!(
+        "error on rank {} of {}: rank {} (pid {}) ended while this rank waited for it in {what} \
+         of step {step} — it was killed or crashed (its own error, if it printed one, and the \
+         launcher's log say why; out of memory is the usual cause). Every rank ends now; resume \
+         from the last checkpoint with --resume",
+        world.rank, world.size, peer.rank, peer.pid
+    )
+}
+
+/// Peers are looked at only in a collective that has lasted this long (a normal one is shorter).
+const PEER_CHECK_AFTER_MS: u64 = 1000;
+/// A peer found dead must still be missed this long later, in the same collective: a peer may
+/// exit normally just after a collective that this rank has not returned from yet.
+const DEAD_PEER_GRACE_MS: u64 = 2000;
+
+fn watchdog(stamp: &Stamp, world: World, timeout: Duration, peers: &[Peer], abort: AbortHandle) {
     let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
     let limit = timeout.as_millis() as u64;
+    // (the collective's stamp, the peer, when it was found dead)
+    let mut dead: Option<(u64, Peer, u64)> = None;
     while !stamp.done.load(Ordering::Acquire) {
         std::thread::sleep(tick);
         let since = stamp.since_ms.load(Ordering::Acquire);
         if since == 0 {
+            dead = None;
             continue;
         }
-        let waited = stamp.now_ms().saturating_sub(since);
-        if waited <= limit {
-            continue;
-        }
+        let now = stamp.now_ms();
+        let waited = now.saturating_sub(since);
         let what = NAMES[stamp.what.load(Ordering::Acquire)];
         let step = stamp.step.load(Ordering::Acquire);
-        eprintln!(
-            "{}",
-            stall_message(world, what, step, Duration::from_millis(waited))
-        );
-        // Should the abort itself block (it needs the MPI runtime), leave anyway.
-        std::thread::spawn(|| {
-            std::thread::sleep(Duration::from_secs(10));
-            signal_hook::low_level::exit(1);
-        });
-        abort(1);
-        signal_hook::low_level::exit(1);
+        if waited > limit {
+            let waited = Duration::from_millis(waited);
+            end_job(&stall_message(world, what, step, waited), &abort);
+        }
+        if waited < PEER_CHECK_AFTER_MS {
+            continue;
+        }
+        match dead {
+            Some((at, peer, found)) if at == since => {
+                if now.saturating_sub(found) >= DEAD_PEER_GRACE_MS {
+                    end_job(&dead_peer_message(world, &peer, what, step), &abort);
+                }
+            }
+            _ => dead = peers.iter().find(|p| !p.alive()).map(|p| (since, *p, now)),
+        }
     }
+}
+
+/// Prints `message` and ends every rank: MPI_Abort, or `_exit(1)` should that block (it needs
+/// the MPI runtime, which a dead peer may have left waiting).
+fn end_job(message: &str, abort: &AbortHandle) -> ! {
+    eprintln!("{message}");
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(10));
+        signal_hook::low_level::exit(1);
+    });
+    abort(1);
+    signal_hook::low_level::exit(1);
 }
 
 impl Watched {

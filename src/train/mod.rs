@@ -36,7 +36,7 @@ use crate::distributed::Communicator;
 use crate::memory::{MemoryProfiler, Meter};
 use crate::model::FewShotModel;
 use amp::GradScaler;
-use epoch::{EpochEnd, EpochPlan};
+use epoch::EpochEnd;
 use files::JsonLines;
 use optimizer_step::StepPlan;
 use plot::Curves;
@@ -44,6 +44,7 @@ use progress::Progress;
 use setup::{claim_output, TrainData};
 
 pub use dumps::{rank_path, save_grads, Dumps};
+pub use epoch::EpochPlan;
 pub use eval::{evaluate, Accuracy, EvalEpisodes, TEST_EPOCH, VAL_EPOCH};
 pub use finish::test_split;
 pub use run_state::{RunState, BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, METRICS_FILE, STATE_FILE};
