@@ -204,7 +204,7 @@ pub struct RunArgs {
     pub simulate_oom_above_bytes: Option<u64>,
     /// Mixed precision: off, fp16 (with loss scaling) or bf16 (default: fp16 on CUDA, off on CPU).
     #[arg(long, value_enum)]
-    pub amp: Option<crate::train::amp::AmpMode>,
+    pub amp: Option<crate::config::AmpMode>,
     /// FS-CT modules kept in fp32 under --amp, comma-separated: ATTN, FFN, linear.
     #[arg(long = "fp32-modules", value_delimiter = ',')]
     pub fp32_modules: Option<Vec<String>>,

@@ -6,7 +6,7 @@ use common::worst_grad_error;
 use fsct_dist::config::{Backbone, Method};
 use fsct_dist::ffi::{self, autocast, autocast_disabled};
 use fsct_dist::model::{FewShotModel, ModelConfig};
-use fsct_dist::train::amp::{AmpError, AmpMode, GradScaler, GradScalerConfig};
+use fsct_dist::train::amp::{AmpError, AmpMode, Autocast, GradScaler, GradScalerConfig};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 

@@ -389,3 +389,56 @@ pub enum ShardMode {
     /// Every rank its own episode; gradients averaged (classic data parallelism).
     Episodes,
 }
+
+/// `--amp`: the autocast dtype, or none. What each mode does at run time (the dtype, the
+/// autocast region, the loss scaler) lives in `train::amp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
+pub enum AmpMode {
+    /// Full fp32.
+    Off,
+    /// Autocast to float16 with a dynamic loss scaler (CUDA's usual choice).
+    Fp16,
+    /// Autocast to bfloat16, no loss scaling (CPU autocast's dtype; also Ampere+ GPUs).
+    Bf16,
+}
+
+impl AmpMode {
+    /// Whether this mode needs the dynamic loss scaler (fp16 only).
+    pub fn uses_scaler(self) -> bool {
+        self == AmpMode::Fp16
+    }
+}
+
+impl std::fmt::Display for AmpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AmpMode::Off => "off",
+            AmpMode::Fp16 => "fp16",
+            AmpMode::Bf16 => "bf16",
+        })
+    }
+}
+
+/// `--comm`: which backend carries tensors between ranks (opened by `distributed::init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
+pub enum CommKind {
+    /// NCCL when the device is CUDA and libnccl loads, else MPI (a world of one needs neither).
+    #[default]
+    Auto,
+    Nccl,
+    Mpi,
+}
+
+impl std::fmt::Display for CommKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CommKind::Auto => "auto",
+            CommKind::Nccl => "nccl",
+            CommKind::Mpi => "mpi",
+        })
+    }
+}

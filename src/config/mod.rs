@@ -12,11 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::distributed::CommKind;
-pub use crate::train::amp::AmpMode;
 pub use kinds::{
-    Accumulation, Backbone, DatasetName, Method, Optimizer, Pretrained, ResNetLayout, ShardMode,
-    Split,
+    Accumulation, AmpMode, Backbone, CommKind, DatasetName, Method, Optimizer, Pretrained,
+    ResNetLayout, ShardMode, Split,
 };
 pub use resolve::{parse_device, DatasetSource, Resolved};
 pub use start::Start;

@@ -11,35 +11,12 @@ pub mod nccl;
 pub mod peers;
 pub mod watchdog;
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Result};
-use clap::ValueEnum;
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-/// `--comm`: which backend carries tensors between ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-#[value(rename_all = "lower")]
-pub enum CommKind {
-    /// NCCL when the device is CUDA and libnccl loads, else MPI (a world of one needs neither).
-    #[default]
-    Auto,
-    Nccl,
-    Mpi,
-}
-
-impl fmt::Display for CommKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CommKind::Auto => "auto",
-            CommKind::Nccl => "nccl",
-            CommKind::Mpi => "mpi",
-        })
-    }
-}
+pub use crate::config::CommKind;
 
 /// This process's place in the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! One optimizer step with fp16 (the order PyTorch prescribes):
 //!
 //! ```no_run
-//! # use fsct_dist::train::amp::{AmpMode, GradScaler};
+//! # use fsct_dist::train::amp::{AmpMode, Autocast, GradScaler};
 //! # use tch::{nn, Device, Tensor};
 //! # fn episode(_: f64) {}
 //! # let vs = nn::VarStore::new(Device::Cpu);
@@ -28,31 +28,28 @@
 //! With `--amp off` or `bf16` the scaler is disabled: a pass-through with scale 1 (bf16 has the
 //! exponent range of fp32 and needs no loss scaling).
 
-use std::fmt;
-
-use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::optim::Step;
 use crate::ffi::{AutocastGuard, ShimError};
 
-/// `--amp`: the autocast dtype, or none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-#[value(rename_all = "lower")]
-pub enum AmpMode {
-    /// Full fp32.
-    Off,
-    /// Autocast to float16 with a dynamic loss scaler (CUDA's usual choice).
-    Fp16,
-    /// Autocast to bfloat16, no loss scaling (CPU autocast's dtype; also Ampere+ GPUs).
-    Bf16,
+pub use crate::config::AmpMode;
+
+/// What an [`AmpMode`] means to libtorch: the dtype autocast computes in and the autocast region
+/// itself. A trait here rather than methods on the enum: the mode is configuration (defined in
+/// `config`, which stays below the training machinery), the region is AMP's business.
+pub trait Autocast {
+    /// The lower-precision dtype autocast computes in, `None` for `Off`.
+    fn kind(self) -> Option<Kind>;
+
+    /// Opens this mode's autocast region on `device` (CPU or CUDA) for as long as the returned
+    /// guard lives; `None` for `Off`.
+    fn autocast(self, device: Device) -> Result<Option<AutocastGuard>, ShimError>;
 }
 
-impl AmpMode {
-    /// The lower-precision dtype autocast computes in, `None` for `Off`.
-    pub fn kind(self) -> Option<Kind> {
+impl Autocast for AmpMode {
+    fn kind(self) -> Option<Kind> {
         match self {
             AmpMode::Off => None,
             AmpMode::Fp16 => Some(Kind::Half),
@@ -60,27 +57,10 @@ impl AmpMode {
         }
     }
 
-    /// Whether this mode needs the dynamic loss scaler (fp16 only).
-    pub fn uses_scaler(self) -> bool {
-        self == AmpMode::Fp16
-    }
-
-    /// Opens this mode's autocast region on `device` (CPU or CUDA) for as long as the returned
-    /// guard lives; `None` for `Off`.
-    pub fn autocast(self, device: Device) -> Result<Option<AutocastGuard>, ShimError> {
+    fn autocast(self, device: Device) -> Result<Option<AutocastGuard>, ShimError> {
         self.kind()
             .map(|kind| crate::ffi::autocast(device, kind))
             .transpose()
-    }
-}
-
-impl fmt::Display for AmpMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AmpMode::Off => "off",
-            AmpMode::Fp16 => "fp16",
-            AmpMode::Bf16 => "bf16",
-        })
     }
 }
 

@@ -9,7 +9,7 @@ use tch::{nn, Device, Tensor};
 use super::optim::Optimizer;
 use tracing::{info, warn};
 
-use super::amp::{AmpMode, GradScaler};
+use super::amp::{AmpMode, Autocast, GradScaler};
 use super::bn_sync;
 use super::step::{self, rank_groups, StepError, StepOptions, StepOutcome};
 use crate::config::ShardMode;
