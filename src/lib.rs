@@ -6,10 +6,12 @@ pub mod config;
 pub mod data;
 pub mod distributed;
 pub mod ffi;
+pub mod files;
 pub mod logging;
 pub mod memory;
 pub mod model;
 pub mod oom;
+pub mod plot;
 pub mod regular_file;
 pub mod signals;
 pub mod train;
@@ -254,7 +256,7 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
     };
     args.overrides.apply(&mut config);
     let resolved = config.resolve()?;
-    train::files::prepare_output(&resolved.config.run.output)?;
+    files::prepare_output(&resolved.config.run.output)?;
     let root = train::dataset_root(&resolved)?;
     let mut built = train::build(&resolved)?;
     if let Some(weights) = weights {

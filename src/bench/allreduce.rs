@@ -89,7 +89,7 @@ pub fn run(args: &AllreduceArgs, comm: &dyn Communicator) -> Result<Vec<Row>> {
             args.device,
             command_line(),
             machine_line(),
-            crate::train::files::today()
+            crate::files::today()
         );
         for r in &rows {
             text += &format!(

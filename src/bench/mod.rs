@@ -20,8 +20,8 @@ use clap::{Args, Subcommand};
 use crate::cli::RunArgs;
 use crate::config::{Accumulation, AmpMode, RunConfig};
 use crate::distributed::Communicator;
+use crate::files::{write_atomic, write_json};
 use crate::memory::Phase;
-use crate::train::files::{write_atomic, write_json};
 use measure::{measure_steps, Measured};
 
 #[derive(Debug, Subcommand)]
@@ -140,7 +140,7 @@ pub fn memory(args: &MemoryArgs) -> Result<()> {
          | amp | micro-steps | checkpointing | step MiB | peak MiB | held MiB | s / episode |\n|---|---:|---|---:|---:|---:|---:|\n",
         command_line(),
         machine_line(),
-        crate::train::files::today(),
+        crate::files::today(),
         base.model.method.official_name(),
         base.model.backbone,
         base.data.image_size,

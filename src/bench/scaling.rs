@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::measure::Measured;
 use super::{command_line, machine_line, write_outputs};
 use crate::config::ShardMode;
+use crate::files::write_atomic_with;
 use crate::memory::Phase;
-use crate::train::files::write_atomic_with;
 
 #[derive(Debug, Args)]
 pub struct ScalingArgs {
@@ -153,7 +153,7 @@ pub fn run(args: &ScalingArgs) -> Result<ScalingResult> {
     let result = ScalingResult {
         command: command_line(),
         machine: machine_line(),
-        date: crate::train::files::today(),
+        date: crate::files::today(),
         train_args: args.train_args.clone(),
         points,
     };
@@ -224,7 +224,7 @@ pub fn table(r: &ScalingResult) -> String {
 /// Left: episodes/s against W per (mode, M), with the ideal line of each. Right: the phase
 /// split of every setting's step, stacked.
 pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
-    crate::train::plot::register_font();
+    crate::plot::register_font();
     let e = |x: &dyn std::fmt::Display| anyhow!("{x}");
     write_atomic_with(path, |tmp| {
         let root = BitMapBackend::new(tmp, (1400, 520)).into_drawing_area();

@@ -28,8 +28,8 @@ use serde::Serialize;
 use super::scaling::{Point, ScalingResult};
 use super::{command_line, write_outputs};
 use crate::config::ShardMode;
+use crate::files::write_atomic_with;
 use crate::memory::Phase;
-use crate::train::files::write_atomic_with;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[value(rename_all = "lower")]
@@ -476,7 +476,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
 
 /// Predicted efficiency against W (log₂ axis), with and without overlap.
 fn plot(preds: &[Prediction], path: &std::path::Path) -> Result<()> {
-    crate::train::plot::register_font();
+    crate::plot::register_font();
     let e = |x: &dyn std::fmt::Display| anyhow::anyhow!("{x}");
     let max_w = preds.iter().map(|p| p.ranks).max().unwrap_or(1) as f64;
     write_atomic_with(path, |tmp| {

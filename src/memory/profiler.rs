@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::meter::Meter;
-use crate::train::files::{write_atomic_with, write_json};
+use crate::files::{write_atomic_with, write_json};
 
 /// The phases of one optimizer step, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,7 +195,7 @@ pub fn write_report(m: &StepMemory, meter: Meter, device: &str, dir: &Path) -> R
         "phases": m.phases,
     });
     write_json(&dir.join("memory.json"), &json)?;
-    crate::train::plot::register_font();
+    crate::plot::register_font();
     write_atomic_with(&dir.join("memory.png"), |tmp| {
         let root = BitMapBackend::new(tmp, (900, 450)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;

@@ -126,7 +126,7 @@ pub fn save(
     })();
     if let Err(e) = written {
         let _ = fs::remove_dir_all(&tmp);
-        let hint = super::files::disk_hint_for::<()>(&Err(anyhow::anyhow!("{e:#}")));
+        let hint = crate::files::disk_hint_for::<()>(&Err(anyhow::anyhow!("{e:#}")));
         return Err(e.context(format!(
             "writing checkpoint {}{hint}; the previous checkpoints are intact",
             final_dir.display()

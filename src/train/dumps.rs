@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use tch::nn::VarStore;
 
-use super::files;
+use crate::files;
 
 /// Optional tensor dumps for users comparing runs (and for tests), and the test hook.
 #[derive(Debug, Default, Clone)]

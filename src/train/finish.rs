@@ -6,20 +6,19 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 use super::dumps::rank_path;
-use super::files::{save_weights, write_json};
 use super::metrics::Metric;
 use super::progress::Progress;
 use super::run_state::{Position, BEST_WEIGHTS};
 use super::setup::{loader_config, open_split};
 use super::signals::StopFlag;
-use super::{
-    checkpoint, evaluate, plot, Accuracy, EvalEpisodes, TrainSummary, Trainer, TEST_EPOCH,
-};
+use super::{checkpoint, evaluate, Accuracy, EvalEpisodes, TrainSummary, Trainer, TEST_EPOCH};
 use crate::config::Resolved;
 use crate::data::EpisodeShape;
 use crate::distributed::Communicator;
+use crate::files::{save_weights, write_json};
 use crate::memory::MemoryProfiler;
 use crate::model::{self, FewShotModel};
+use crate::plot;
 
 impl Trainer<'_> {
     /// After the last epoch: `--dump-params`, the memory report and curves.png (rank 0).

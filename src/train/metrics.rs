@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::checkpoint::CheckpointState;
-use super::files::write_atomic;
 use crate::config::Split;
+use crate::files::write_atomic;
 
 /// One metrics line.
 #[derive(Serialize)]

@@ -10,12 +10,10 @@ pub mod checkpoint;
 mod dumps;
 mod epoch;
 pub mod eval;
-pub mod files;
 mod finish;
 mod metrics;
 pub mod optim;
 pub mod optimizer_step;
-pub mod plot;
 mod progress;
 pub mod run_folder;
 mod run_state;
@@ -33,13 +31,13 @@ use tch::nn::VarStore;
 
 use crate::config::Resolved;
 use crate::distributed::Communicator;
+use crate::files::JsonLines;
 use crate::memory::{MemoryProfiler, Meter};
 use crate::model::FewShotModel;
+use crate::plot::Curves;
 use amp::GradScaler;
 use epoch::EpochEnd;
-use files::JsonLines;
 use optimizer_step::StepPlan;
-use plot::Curves;
 use progress::Progress;
 use setup::{claim_output, TrainData};
 

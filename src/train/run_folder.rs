@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::files::today_and_time;
+use crate::files::today_and_time;
 
 /// The lock file inside a run folder.
 pub const LOCK_FILE: &str = ".lock";
@@ -178,6 +178,35 @@ fn aside_name(dir: &Path) -> PathBuf {
         candidate = dir.with_file_name(format!("{name}.old-{stamp}-{n}"));
     }
     candidate
+}
+
+/// Removes temp files and folders (`.tmp-*`) that an earlier process left in the run folder and
+/// its checkpoints when it was killed mid-write. Only call it holding the run's lock: then no
+/// other process can be writing them.
+pub fn remove_stale_temps(run: &Path) {
+    let pid = std::process::id();
+    let ours =
+        |name: &str| name.contains(&format!("-{pid}-")) || name.ends_with(&format!("-{pid}"));
+    for dir in [run.to_path_buf(), run.join(super::checkpoint::DIR)] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(".tmp-") || ours(&name) {
+                continue;
+            }
+            let path = e.path();
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            if removed.is_ok() {
+                tracing::info!("removed {}, left by an interrupted write", path.display());
+            }
+        }
+    }
 }
 
 #[cfg(test)]

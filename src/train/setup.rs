@@ -13,17 +13,18 @@ use tracing::info;
 use super::amp::GradScaler;
 use super::checkpoint::{self, CheckpointState};
 use super::epoch::EpochPlan;
-use super::files::JsonLines;
 use super::optimizer_step::{probe_micro_steps, StepPlan};
-use super::plot::Curves;
 use super::progress::Progress;
 use super::run_state::{CONFIG_FILE, METRICS_FILE};
-use super::{files, metrics, optim, run_folder, Dumps, Start, TrainSummary, Trainer};
+use super::{metrics, optim, run_folder, Dumps, Start, TrainSummary, Trainer};
 use crate::config::{DatasetSource, Resolved, ShardMode, Split};
 use crate::data::{self, EpisodeShape, LoaderConfig, SplitIndex, TransformConfig};
 use crate::distributed::{Communicator, World};
+use crate::files;
+use crate::files::JsonLines;
 use crate::memory::{MemoryProfiler, Meter};
 use crate::model::{self, FewShotModel, ModelConfig};
+use crate::plot::Curves;
 
 /// The model, its variables and the episode shape, built from a resolved config.
 pub struct Built {
@@ -165,7 +166,7 @@ pub(super) fn claim_output(
         Start::Resume(_) => run_folder::lock(out)?,
     };
     files::prepare_output(out)?;
-    files::remove_stale_temps(out);
+    run_folder::remove_stale_temps(out);
     dumps.check_paths()?;
     Ok(Some(lock))
 }

@@ -3,13 +3,13 @@
 
 use anyhow::Result;
 
-use super::files::{save_weights, write_json};
 use super::metrics::Metric;
 use super::progress::Progress;
 use super::run_state::{RunState, BEST_WEIGHTS, LAST_WEIGHTS, STATE_FILE};
 use super::setup::loader_config;
 use super::signals::StopFlag;
 use super::{evaluate, Accuracy, EvalEpisodes, Trainer, VAL_EPOCH};
+use crate::files::{save_weights, write_json};
 
 impl Trainer<'_> {
     /// Validates after an epoch; `None` when a stop signal ended it early.

@@ -8,9 +8,9 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::files::write_atomic_with;
+use crate::files::write_atomic_with;
 
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("assets/DejaVuSans.ttf");
 
 pub(crate) fn register_font() {
     static ONCE: Once = Once::new();

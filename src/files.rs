@@ -1,5 +1,6 @@
-//! The run folder: every file is written whole or not at all (temp file, fsync, rename), so a
-//! crash or a full disk never leaves a half-written file that a later run would trust.
+//! Files written whole or not at all (temp file, fsync, rename), so a crash or a full disk never
+//! leaves a half-written file that a later run would trust; JSON lines, weights, dates for
+//! result files. Used by every layer that writes (train, memory, bench).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -92,35 +93,6 @@ pub fn prepare_output(dir: &Path) -> Result<()> {
     })?;
     fs::remove_file(probe)?;
     Ok(())
-}
-
-/// Removes temp files and folders (`.tmp-*`) that an earlier process left in the run folder and
-/// its checkpoints when it was killed mid-write. Only call it holding the run's lock: then no
-/// other process can be writing them.
-pub fn remove_stale_temps(run: &Path) {
-    let pid = std::process::id();
-    let ours =
-        |name: &str| name.contains(&format!("-{pid}-")) || name.ends_with(&format!("-{pid}"));
-    for dir in [run.to_path_buf(), run.join(super::checkpoint::DIR)] {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(".tmp-") || ours(&name) {
-                continue;
-            }
-            let path = e.path();
-            let removed = if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            if removed.is_ok() {
-                tracing::info!("removed {}, left by an interrupted write", path.display());
-            }
-        }
-    }
 }
 
 /// Today's UTC date as YYYY-MM-DD (for result files), from the system clock.
