@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::bench;
 use crate::config::{Backbone, ConfigError, Method, Optimizer, RunConfig, Split};
 
 #[derive(Debug, Parser)]
@@ -51,7 +52,7 @@ pub enum Command {
     Data(DataCommand),
     /// Benchmarks: memory sweep, step phases, all-reduce bandwidth, scaling and its model.
     #[command(subcommand)]
-    Bench(crate::bench::BenchCommand),
+    Bench(BenchCommand),
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +89,42 @@ pub enum DataCommand {
         #[arg(long, default_value_t = crate::data::CHECK_IMAGE_SIZE)]
         image_size: u32,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Peak memory and time per episode for each amp × micro-steps × checkpointing setting of
+    /// one model and episode (the table to choose memory settings from).
+    Memory(BenchMemoryArgs),
+    /// Time per optimizer step split into phases (data, backbone, head, backward,
+    /// communication, optimizer) and bytes sent, for this world (run it under mpirun).
+    Step(BenchStepArgs),
+    /// All-reduce bus bandwidth for message sizes 1 KiB … 512 MiB (run it under mpirun).
+    Allreduce(bench::allreduce::AllreduceArgs),
+    /// Runs `bench step` under mpirun for W ranks × sharding modes × micro-steps: step time
+    /// split, throughput, strong/weak scaling efficiency, bytes all-reduced; table, JSON, PNG.
+    Scaling(bench::scaling::ScalingArgs),
+    /// Predicts step time and efficiency for W up to 1024 from a `bench scaling` result and a
+    /// link (measured, NVLink, InfiniBand, Ethernet); checks itself against the measurements.
+    Model(bench::scaling_model::ModelArgs),
+}
+
+/// `bench memory`: the run flags give the model and episode, the bench's own flags the sweep.
+#[derive(Debug, Args)]
+pub struct BenchMemoryArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub sweep: bench::MemoryArgs,
+}
+
+/// `bench step`: the run flags give the setting, the bench's own flags the steps measured.
+#[derive(Debug, Args)]
+pub struct BenchStepArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub steps: bench::StepArgs,
 }
 
 /// Every run option. `None` means "as the config file (or the default) says".

@@ -172,13 +172,13 @@ fn resume_config(
     Ok((c, Some(ckpt)))
 }
 
-fn bench_run(b: &bench::BenchCommand) -> Result<()> {
-    use bench::BenchCommand;
+fn bench_run(b: &cli::BenchCommand) -> Result<()> {
+    use cli::BenchCommand;
     match b {
-        BenchCommand::Memory(a) => bench::memory(a),
+        BenchCommand::Memory(a) => bench::memory(&a.run.to_config()?, &a.sweep),
         BenchCommand::Step(a) => {
             let resolved = a.run.to_config()?.resolve()?;
-            on_every_rank(&resolved, |comm| bench::step(a, comm))
+            on_every_rank(&resolved, |comm| bench::step(&resolved, &a.steps, comm))
         }
         BenchCommand::Allreduce(a) => {
             let device = config::parse_device(&a.device)?;

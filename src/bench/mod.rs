@@ -15,37 +15,18 @@ pub mod scaling_model;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use clap::{Args, Subcommand};
+use clap::Args;
 
-use crate::cli::RunArgs;
-use crate::config::{Accumulation, AmpMode, RunConfig};
+use crate::config::{Accumulation, AmpMode, Resolved, RunConfig};
 use crate::distributed::Communicator;
 use crate::files::{write_atomic, write_json};
 use crate::memory::Phase;
 use measure::{measure_steps, Measured};
 
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Peak memory and time per episode for each amp × micro-steps × checkpointing setting of
-    /// one model and episode (the table to choose memory settings from).
-    Memory(MemoryArgs),
-    /// Time per optimizer step split into phases (data, backbone, head, backward,
-    /// communication, optimizer) and bytes sent, for this world (run it under mpirun).
-    Step(StepArgs),
-    /// All-reduce bus bandwidth for message sizes 1 KiB … 512 MiB (run it under mpirun).
-    Allreduce(allreduce::AllreduceArgs),
-    /// Runs `bench step` under mpirun for W ranks × sharding modes × micro-steps: step time
-    /// split, throughput, strong/weak scaling efficiency, bytes all-reduced; table, JSON, PNG.
-    Scaling(scaling::ScalingArgs),
-    /// Predicts step time and efficiency for W up to 1024 from a `bench scaling` result and a
-    /// link (measured, NVLink, InfiniBand, Ethernet); checks itself against the measurements.
-    Model(scaling_model::ModelArgs),
-}
-
+/// `bench memory`'s own flags: the settings swept over one model and episode (which the run
+/// flags give; `cli::BenchCommand` puts the two together).
 #[derive(Debug, Args)]
 pub struct MemoryArgs {
-    #[command(flatten)]
-    pub run: RunArgs,
     /// AMP modes to sweep (default: off,bf16 on CPU; off,fp16,bf16 on CUDA).
     #[arg(long, value_delimiter = ',')]
     pub sweep_amp: Option<Vec<AmpMode>>,
@@ -63,10 +44,9 @@ pub struct MemoryArgs {
     pub out: Option<PathBuf>,
 }
 
+/// `bench step`'s own flags: how many steps to measure (the setting comes from the run flags).
 #[derive(Debug, Args)]
 pub struct StepArgs {
-    #[command(flatten)]
-    pub run: RunArgs,
     #[arg(long, default_value_t = 1)]
     pub warmup: u64,
     #[arg(long, default_value_t = 3)]
@@ -123,9 +103,9 @@ pub fn command_line() -> String {
     format!("fsct-dist {}", args.join(" "))
 }
 
-/// `bench memory`: every setting in one process, one after the other.
-pub fn memory(args: &MemoryArgs) -> Result<()> {
-    let base = args.run.to_config()?;
+/// `bench memory`: every setting of `args` over `base` (the run's config as given, each setting
+/// resolved in turn), in one process, one after the other.
+pub fn memory(base: &RunConfig, args: &MemoryArgs) -> Result<()> {
     let device = crate::config::parse_device(&base.run.device)?;
     let amps = args.sweep_amp.clone().unwrap_or_else(|| {
         if device.is_cuda() {
@@ -185,10 +165,9 @@ pub fn memory(args: &MemoryArgs) -> Result<()> {
     Ok(())
 }
 
-/// `bench step`: one setting on this world; rank 0 prints and writes.
-pub fn step(args: &StepArgs, comm: &dyn Communicator) -> Result<()> {
-    let r = args.run.to_config()?.resolve()?;
-    let m = measure_steps(&r, comm, args.warmup, args.steps)?;
+/// `bench step`: the resolved setting `r` on this world; rank 0 prints and writes.
+pub fn step(r: &Resolved, args: &StepArgs, comm: &dyn Communicator) -> Result<()> {
+    let m = measure_steps(r, comm, args.warmup, args.steps)?;
     if comm.world().is_root() {
         let phases = [
             Phase::Data,
