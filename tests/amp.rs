@@ -31,7 +31,7 @@ fn model(seed: i64) -> (nn::VarStore, FewShotModel, Tensor) {
         N_QUERY,
         SIZE,
     );
-    (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 8, 16);
+    (cfg.model.heads, cfg.model.dim_head, cfg.model.mlp_dim) = (2, 8, 16);
     let model = FewShotModel::new(&vs.root(), &cfg).unwrap();
     let x = Tensor::randn(
         [N_WAY * (K_SHOT + N_QUERY), 3, SIZE, SIZE],

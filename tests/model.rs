@@ -64,13 +64,8 @@ fn vic_variance_term_is_zero_and_finite_at_one_shot() {
     // A model with λ_V > 0 at 1-shot gives a finite loss and finite gradients.
     let vs = nn::VarStore::new(Device::Cpu);
     let mut cfg = ModelConfig::new(Method::FsctCosine, Backbone::Conv4, 3, 1, 2, 16);
-    (
-        cfg.heads,
-        cfg.dim_head,
-        cfg.mlp_dim,
-        cfg.lambda_v,
-        cfg.lambda_c,
-    ) = (2, 8, 16, 1.0, 0.5);
+    let m = &mut cfg.model;
+    (m.heads, m.dim_head, m.mlp_dim, m.lambda_v, m.lambda_c) = (2, 8, 16, 1.0, 0.5);
     let model = FewShotModel::new(&vs.root(), &cfg).unwrap();
     let emb = Tensor::randn([9, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let out = model.head(&emb);
@@ -118,9 +113,10 @@ fn fd_head(method: Method, image: i64, vic_on: bool, params: &[&str]) {
     tch::manual_seed(7);
     let mut vs = nn::VarStore::new(Device::Cpu);
     let mut cfg = ModelConfig::new(method, Backbone::Conv4, 2, 2, 2, image);
-    (cfg.heads, cfg.dim_head, cfg.mlp_dim, cfg.dim_attn) = (2, 4, 8, 6);
+    let m = &mut cfg.model;
+    (m.heads, m.dim_head, m.mlp_dim, m.dim_attn) = (2, 4, 8, 6);
     if vic_on {
-        (cfg.lambda_v, cfg.lambda_c) = (0.5, 0.3);
+        (m.lambda_v, m.lambda_c) = (0.5, 0.3);
     }
     let model = FewShotModel::new(&vs.root(), &cfg).unwrap();
     vs.double();
@@ -318,7 +314,7 @@ fn labels_are_class_major() {
 
 fn small_fsct(vs: &nn::VarStore, mlp: i64) -> FewShotModel {
     let mut cfg = ModelConfig::new(Method::FsctCosine, Backbone::Conv4, 2, 2, 2, 16);
-    (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 4, mlp);
+    (cfg.model.heads, cfg.model.dim_head, cfg.model.mlp_dim) = (2, 4, mlp);
     FewShotModel::new(&vs.root(), &cfg).unwrap()
 }
 
@@ -352,7 +348,7 @@ fn load_official_round_trips_and_names_bad_tensors() {
     // Another method: missing tensors are named.
     let mut vs_d = nn::VarStore::new(Device::Cpu);
     let mut cfg = ModelConfig::new(Method::FsctSoftmax, Backbone::Conv4, 2, 2, 2, 16);
-    (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 4, 8);
+    (cfg.model.heads, cfg.model.dim_head, cfg.model.mlp_dim) = (2, 4, 8);
     FewShotModel::new(&vs_d.root(), &cfg).unwrap();
     let msg = load_official(&mut vs_d, &file).unwrap_err().to_string();
     assert!(msg.contains("linear.2"), "{msg}");
@@ -460,7 +456,8 @@ fn head_parts_sum_to_the_episode() {
     tch::manual_seed(3);
     let vs = nn::VarStore::new(Device::Cpu);
     let mut cfg = ModelConfig::new(Method::FsctCosine, Backbone::Conv4, 3, 2, 3, 16);
-    (cfg.heads, cfg.dim_head, cfg.mlp_dim, cfg.lambda_c) = (2, 4, 8, 0.2);
+    let m = &mut cfg.model;
+    (m.heads, m.dim_head, m.mlp_dim, m.lambda_c) = (2, 4, 8, 0.2);
     let model = FewShotModel::new(&vs.root(), &cfg).unwrap();
     let emb = Tensor::randn([15, 64], (Kind::Float, Device::Cpu));
     let full = model.head(&emb);
@@ -599,7 +596,7 @@ fn an_official_feti0_checkpoint_without_backbone_loads_over_pretrained_weights()
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("official.safetensors");
     let mut cfg = ModelConfig::new(Method::FsctCosine, Backbone::TvResNet18, 2, 1, 1, 32);
-    (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 4, 8);
+    (cfg.model.heads, cfg.model.dim_head, cfg.model.mlp_dim) = (2, 4, 8);
     let vs_a = nn::VarStore::new(Device::Cpu);
     FewShotModel::new(&vs_a.root(), &cfg).unwrap();
     let head: Vec<(String, Tensor)> = vs_a

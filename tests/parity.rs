@@ -145,19 +145,19 @@ fn config_from_metadata(path: &Path) -> ModelConfig {
         req("image_size"),
     );
     if let Some(v) = meta_i64(&meta, "depth") {
-        cfg.depth = v;
+        cfg.model.depth = v;
     }
     if let Some(v) = meta_i64(&meta, "heads") {
-        cfg.heads = v;
+        cfg.model.heads = v;
     }
     if let Some(v) = meta_i64(&meta, "dim_head") {
-        cfg.dim_head = v;
+        cfg.model.dim_head = v;
     }
     if let Some(v) = meta_i64(&meta, "mlp_dim") {
-        cfg.mlp_dim = v;
+        cfg.model.mlp_dim = v;
     }
     if let Some(v) = meta_i64(&meta, "dim_attn") {
-        cfg.dim_attn = v;
+        cfg.model.dim_attn = v;
     }
     cfg
 }

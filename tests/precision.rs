@@ -14,8 +14,8 @@ fn fp32_modules_compute_in_float_under_autocast() {
     let build = |fp32: &[&str]| {
         let vs = nn::VarStore::new(Device::Cpu);
         let mut cfg = ModelConfig::new(Method::FsctCosine, Backbone::Conv4, 3, 2, 2, 20);
-        (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 8, 16);
-        cfg.fp32_modules = fp32.iter().map(|s| s.to_string()).collect();
+        (cfg.model.heads, cfg.model.dim_head, cfg.model.mlp_dim) = (2, 8, 16);
+        cfg.model.fp32_modules = fp32.iter().map(|s| s.to_string()).collect();
         let model = FewShotModel::new(&vs.root(), &cfg).unwrap();
         (vs, model)
     };
@@ -50,7 +50,7 @@ fn fp32_modules_compute_in_float_under_autocast() {
 
     let vs = nn::VarStore::new(Device::Cpu);
     let mut cfg = ModelConfig::new(Method::FsctCosine, Backbone::Conv4, 3, 2, 2, 20);
-    cfg.fp32_modules = vec!["attention".into()];
+    cfg.model.fp32_modules = vec!["attention".into()];
     let err = FewShotModel::new(&vs.root(), &cfg).unwrap_err().to_string();
     assert!(err.contains("attention") && err.contains("ATTN"), "{err}");
 }

@@ -54,8 +54,8 @@ fn build_with(
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
     let mut cfg = ModelConfig::new(method, backbone, N_WAY, K_SHOT, N_QUERY, size);
-    (cfg.heads, cfg.dim_head, cfg.mlp_dim) = (2, 8, 16);
-    (cfg.lambda_v, cfg.lambda_c) = (0.5, 0.1); // the VIC terms backpropagate through the support rows too
+    (cfg.model.heads, cfg.model.dim_head, cfg.model.mlp_dim) = (2, 8, 16);
+    (cfg.model.lambda_v, cfg.model.lambda_c) = (0.5, 0.1); // the VIC terms backpropagate through the support rows too
     let model = FewShotModel::new(&vs.root(), &cfg).unwrap();
     (vs, model)
 }

@@ -83,6 +83,9 @@ impl Default for EpisodeConfig {
     }
 }
 
+/// The model: method, backbone, head hyper-parameters (each declared here only; the model reads
+/// them through `model::ModelConfig`) and where the weights start. The defaults are the
+/// official values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
@@ -93,16 +96,22 @@ pub struct ModelSection {
     /// The official `--FETI` flag: true = the FETI ResNet layout, false = torchvision's. Unset =
     /// the official default (torchvision) for `ResNet12/18/34`; explicit names keep theirs.
     pub feti: Option<bool>,
-    /// Transformer blocks (the official code reuses one block's weights at every depth).
+    /// FS-CT: transformer blocks, attention + FFN (the official code reuses one block's weights
+    /// at every depth). Official 1.
     pub depth: i64,
+    /// FS-CT: attention heads. Official 8.
     pub heads: i64,
+    /// FS-CT: width per head, also the width of the output head's Linear(d, dim_head). Official 64.
     pub dim_head: i64,
+    /// FS-CT: FFN hidden width. Official 512.
     pub mlp_dim: i64,
-    /// CTX attention width.
+    /// CTX: channels of the shared 1×1 projection (the attention width). Official 128.
     pub dim_attn: i64,
-    /// VIC weights: invariance (cross-entropy), variance, covariance. 1/0/0 = plain FS-CT.
+    /// VIC weight of the invariance (cross-entropy) term. 1, with λ_V = λ_C = 0: plain FS-CT.
     pub lambda_i: f64,
+    /// VIC weight of the variance term; 0 = not computed.
     pub lambda_v: f64,
+    /// VIC weight of the covariance term; 0 = not computed.
     pub lambda_c: f64,
     /// Initial ResNet weights, a local safetensors file (torchvision's resnet18/34 `state_dict`
     /// for `TvResNet*`, the FETI checkpoint's for `FetiResNet*`; nothing is downloaded), or

@@ -42,41 +42,26 @@ pub use import::{
 };
 pub use layers::BnMode;
 
-use crate::config::{Backbone, Method};
+use crate::config::{Backbone, Method, ModelSection, Resolved};
 
-/// Everything that fixes the model's shape. The head hyper-parameters default to the official
-/// values ([`ModelConfig::new`]).
+/// Everything that fixes the model's shape: the run config's `[model]` section, where each
+/// hyper-parameter is declared and documented once (official values by default), and the
+/// episode and input size it is built for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    pub method: Method,
-    pub backbone: Backbone,
+    /// Method, backbone and head hyper-parameters; the model ignores the keys that only decide
+    /// where its weights start (`pretrained`, `official`, `freeze_backbone`).
+    pub model: ModelSection,
     pub n_way: i64,
     pub k_shot: i64,
     pub n_query: i64,
     /// Input side in pixels (84 / 64 for Conv, 224 / 112 for ResNet in the official code).
     pub image_size: i64,
-    /// FS-CT: number of (weight-shared) attention + FFN layers. Official 1.
-    pub depth: i64,
-    /// FS-CT: attention heads. Official 8.
-    pub heads: i64,
-    /// FS-CT: width per head, also the width of the output head's Linear(d, dim_head). Official 64.
-    pub dim_head: i64,
-    /// FS-CT: FFN hidden width. Official 512.
-    pub mlp_dim: i64,
-    /// CTX: channels of the shared 1×1 projection. Official 128.
-    pub dim_attn: i64,
-    /// Weight of the cross-entropy term. Default 1.
-    pub lambda_i: f64,
-    /// Weight of the VIC variance term. Default 0 (term not computed).
-    pub lambda_v: f64,
-    /// Weight of the VIC covariance term. Default 0 (term not computed).
-    pub lambda_c: f64,
-    /// FS-CT head modules kept in fp32 under autocast: `ATTN`, `FFN`, `linear`. Default none.
-    pub fp32_modules: Vec<String>,
 }
 
 impl ModelConfig {
-    /// The official hyper-parameters: depth 1, 8 heads × 64, MLP 512, dim_attn 128, λ = 1/0/0.
+    /// The official hyper-parameters (`ModelSection`'s defaults: depth 1, 8 heads × 64, MLP 512,
+    /// dim_attn 128, λ = 1/0/0).
     pub fn new(
         method: Method,
         backbone: Backbone,
@@ -86,25 +71,33 @@ impl ModelConfig {
         image_size: i64,
     ) -> Self {
         Self {
-            method,
-            backbone,
+            model: ModelSection {
+                method,
+                backbone,
+                ..ModelSection::default()
+            },
             n_way,
             k_shot,
             n_query,
             image_size,
-            depth: 1,
-            heads: 8,
-            dim_head: 64,
-            mlp_dim: 512,
-            dim_attn: 128,
-            lambda_i: 1.0,
-            lambda_v: 0.0,
-            lambda_c: 0.0,
-            fp32_modules: Vec::new(),
+        }
+    }
+
+    /// The model a resolved run describes (resolved: the backbone names its layout and the
+    /// image size is the one used).
+    pub fn from_run(r: &Resolved) -> Self {
+        let c = &r.config;
+        Self {
+            model: c.model.clone(),
+            n_way: c.episode.n_way,
+            k_shot: c.episode.k_shot,
+            n_query: c.episode.n_query,
+            image_size: c.data.image_size,
         }
     }
 
     fn validate(&self) -> Result<(), ModelError> {
+        let m = &self.model;
         let bad = |what: &str, v: i64| {
             Err(ModelError::InvalidConfig(format!(
                 "{what} must be at least 1, got {v}"
@@ -120,25 +113,25 @@ impl ModelConfig {
                 return bad(what, v);
             }
         }
-        if matches!(self.method, Method::FsctCosine | Method::FsctSoftmax) {
+        if matches!(m.method, Method::FsctCosine | Method::FsctSoftmax) {
             for (what, v) in [
-                ("depth", self.depth),
-                ("heads", self.heads),
-                ("dim_head", self.dim_head),
-                ("mlp_dim", self.mlp_dim),
+                ("depth", m.depth),
+                ("heads", m.heads),
+                ("dim_head", m.dim_head),
+                ("mlp_dim", m.mlp_dim),
             ] {
                 if v < 1 {
                     return bad(what, v);
                 }
             }
         }
-        if self.method.is_ctx() && self.dim_attn < 1 {
-            return bad("dim_attn", self.dim_attn);
+        if m.method.is_ctx() && m.dim_attn < 1 {
+            return bad("dim_attn", m.dim_attn);
         }
         for (what, v) in [
-            ("lambda_I", self.lambda_i),
-            ("lambda_V", self.lambda_v),
-            ("lambda_C", self.lambda_c),
+            ("lambda_I", m.lambda_i),
+            ("lambda_V", m.lambda_v),
+            ("lambda_C", m.lambda_c),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(ModelError::InvalidConfig(format!(
@@ -187,11 +180,12 @@ impl FewShotModel {
     /// Fails when the configuration is invalid (e.g. an image too small for the backbone).
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, ModelError> {
         cfg.validate()?;
-        let feature = FeatureNet::new(&(root / "feature"), cfg.backbone, cfg.image_size)?;
+        let m = &cfg.model;
+        let feature = FeatureNet::new(&(root / "feature"), m.backbone, cfg.image_size)?;
         let [c, h, w] = feature.out_shape();
-        let (head, feature_dim) = match cfg.method {
+        let (head, feature_dim) = match m.method {
             Method::FsctCosine | Method::FsctSoftmax => {
-                let variant = if cfg.method == Method::FsctCosine {
+                let variant = if m.method == Method::FsctCosine {
                     AttnVariant::Cosine
                 } else {
                     AttnVariant::Softmax
@@ -200,12 +194,12 @@ impl FewShotModel {
                     d: c * h * w,
                     n_way: cfg.n_way,
                     k_shot: cfg.k_shot,
-                    depth: cfg.depth,
-                    heads: cfg.heads,
-                    dim_head: cfg.dim_head,
-                    mlp_dim: cfg.mlp_dim,
+                    depth: m.depth,
+                    heads: m.heads,
+                    dim_head: m.dim_head,
+                    mlp_dim: m.mlp_dim,
                 };
-                let fp32 = Fp32Modules::from_names(&cfg.fp32_modules).map_err(|name| {
+                let fp32 = Fp32Modules::from_names(&m.fp32_modules).map_err(|name| {
                     ModelError::InvalidConfig(format!(
                         "fp32_modules: `{name}` is not an FS-CT module; use any of {:?}",
                         Fp32Modules::NAMES
@@ -215,7 +209,7 @@ impl FewShotModel {
                 (Head::Fsct(Box::new(head)), vec![c * h * w])
             }
             Method::CtxCosine | Method::CtxSoftmax => {
-                let head = CtxHead::new(root, c, cfg.dim_attn, cfg.method == Method::CtxCosine);
+                let head = CtxHead::new(root, c, m.dim_attn, m.method == Method::CtxCosine);
                 (Head::Ctx(head), vec![c, h, w])
             }
             Method::ProtoNet => (Head::ProtoNet, vec![c * h * w]),
@@ -323,28 +317,29 @@ impl FewShotModel {
                 .nll_loss_nd::<&Tensor>(&target, None, tch::Reduction::Sum, -100);
             nll / (total as f64)
         };
+        let m = &self.cfg.model;
         let zero = || Tensor::zeros([], (emb.kind(), emb.device()));
         let flat_support = || support.reshape([n, k, -1]);
-        let var_term = if include_vic && self.cfg.lambda_v > 0.0 {
+        let var_term = if include_vic && m.lambda_v > 0.0 {
             vic::variance_term(&flat_support())
         } else {
             zero()
         };
-        let cov_term = if include_vic && self.cfg.lambda_c > 0.0 {
+        let cov_term = if include_vic && m.lambda_c > 0.0 {
             vic::covariance_term(&flat_support().reshape([n * k, -1]))
         } else {
             zero()
         };
-        let mut loss = if self.cfg.lambda_i == 1.0 {
+        let mut loss = if m.lambda_i == 1.0 {
             ce.shallow_clone()
         } else {
-            &ce * self.cfg.lambda_i
+            &ce * m.lambda_i
         };
-        if include_vic && self.cfg.lambda_v > 0.0 {
-            loss += &var_term * self.cfg.lambda_v;
+        if include_vic && m.lambda_v > 0.0 {
+            loss += &var_term * m.lambda_v;
         }
-        if include_vic && self.cfg.lambda_c > 0.0 {
-            loss += &cov_term * self.cfg.lambda_c;
+        if include_vic && m.lambda_c > 0.0 {
+            loss += &cov_term * m.lambda_c;
         }
         HeadOutput {
             logits,

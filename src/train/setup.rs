@@ -34,25 +34,7 @@ pub struct Built {
 }
 
 pub fn model_config(r: &Resolved) -> ModelConfig {
-    let c = &r.config;
-    let mut m = ModelConfig::new(
-        c.model.method,
-        c.model.backbone,
-        c.episode.n_way,
-        c.episode.k_shot,
-        c.episode.n_query,
-        c.data.image_size,
-    );
-    m.depth = c.model.depth;
-    m.heads = c.model.heads;
-    m.dim_head = c.model.dim_head;
-    m.mlp_dim = c.model.mlp_dim;
-    m.dim_attn = c.model.dim_attn;
-    m.lambda_i = c.model.lambda_i;
-    m.lambda_v = c.model.lambda_v;
-    m.lambda_c = c.model.lambda_c;
-    m.fp32_modules = c.model.fp32_modules.clone();
-    m
+    ModelConfig::from_run(r)
 }
 
 /// Seeds libtorch and builds the model (with local pretrained weights and freezing if asked).
