@@ -4,10 +4,11 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::bench;
 use crate::config::{Backbone, ConfigError, Method, Optimizer, RunConfig, Split};
+use crate::logging::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,12 +34,6 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
