@@ -84,7 +84,9 @@ pub fn prepare_output(dir: &Path) -> Result<()> {
             dir.display()
         )
     })?;
-    let probe = dir.join(".write-test");
+    // This process's own name: the ranks of `test` all probe the same folder at once, and a
+    // shared name let one rank remove the file another was about to remove.
+    let probe = temp_sibling(&dir.join(".write-test"));
     fs::write(&probe, b"ok").with_context(|| {
         format!(
             "the output folder {} is not writable; choose another with --output",
