@@ -6,14 +6,17 @@
 //! (CPU tensors; GPU tensors staged through host memory), or [`nccl::NcclComm`] (GPU tensors on
 //! libtorch's stream, with MPI for the unique id and for host-side values).
 
+mod error;
 pub mod mpi;
 pub mod nccl;
 pub mod watchdog;
 
+pub use error::DistError;
+
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -253,13 +256,11 @@ pub fn init(kind: CommKind, device: Device) -> Result<Box<dyn Communicator>> {
     let world = mpi.world();
     if let Some(n) = launcher_world_size() {
         if n != world.size && world.size == 1 {
-            bail!(
-                "the launcher started {n} ranks but MPI reports a world of {}: this binary was \
-                 built against a different MPI than the `mpirun` that launched it. Use the \
-                 mpirun of the MPI that `launch/setup.sh` installed (OpenMPI: /usr/bin/mpirun), \
-                 or launch/mpirun.sh",
-                world.size
-            );
+            return Err(DistError::LauncherMismatch {
+                launched: n,
+                mpi: world.size,
+            }
+            .into());
         }
     }
     let use_nccl = match kind {
@@ -306,14 +307,6 @@ pub fn sum_f64(comm: &dyn Communicator, v: f64) -> Result<f64> {
 /// Whether every rank says `ok` (one tiny all-reduce).
 pub fn all_ok(comm: &dyn Communicator, ok: bool) -> Result<bool> {
     Ok(sum_f64(comm, if ok { 0.0 } else { 1.0 })? == 0.0)
-}
-
-/// Collectives move floating-point tensors only (gradients, embeddings, weights, statistics).
-pub(crate) fn check_float(t: &Tensor) -> Result<()> {
-    match t.kind() {
-        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 => Ok(()),
-        k => bail!("collectives support floating-point tensors, not {k:?}"),
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! moved through host memory as f32 (f64 for Double tensors). GPU tensors are staged through
 //! the host, so this backend works everywhere but NCCL is the fast path on GPUs.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
@@ -13,7 +13,7 @@ use mpi::topology::Communicator as _;
 use tch::{Device, Kind, Tensor};
 
 use super::{
-    buckets, check_float, flat_cat, scatter_back, ByteCounter, Communicator, World, BUCKET_BYTES,
+    buckets, flat_cat, scatter_back, ByteCounter, Communicator, DistError, World, BUCKET_BYTES,
 };
 
 pub struct MpiComm {
@@ -27,10 +27,8 @@ pub struct MpiComm {
 impl MpiComm {
     /// Initialises MPI (once per process) and finds this rank's place, the local rank from a
     /// shared-memory split of the world.
-    pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().context(
-            "MPI was already initialised in this process (only one communicator can be made)",
-        )?;
+    pub fn init() -> Result<Self, DistError> {
+        let universe = mpi::initialize().ok_or(DistError::MpiInitialisedTwice)?;
         let world_comm = universe.world();
         let node = world_comm.split_shared(world_comm.rank());
         let world = World {
@@ -72,13 +70,25 @@ enum Host {
 }
 
 impl Host {
-    fn from(t: &Tensor) -> Result<Self> {
-        check_float(t)?;
+    /// Collectives move floating-point tensors only (gradients, embeddings, weights, statistics).
+    fn from(t: &Tensor) -> Result<Self, DistError> {
+        match t.kind() {
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 => {}
+            kind => {
+                return Err(DistError::NotFloat {
+                    backend: "MPI",
+                    kind,
+                })
+            }
+        }
         let flat = t.flatten(0, -1).to_device(Device::Cpu);
-        Ok(if t.kind() == Kind::Double {
-            Host::F64(Vec::try_from(&flat)?)
+        let copied = if t.kind() == Kind::Double {
+            Vec::try_from(&flat).map(Host::F64)
         } else {
-            Host::F32(Vec::try_from(&flat.to_kind(Kind::Float))?)
+            Vec::try_from(&flat.to_kind(Kind::Float)).map(Host::F32)
+        };
+        copied.map_err(|e| DistError::HostCopy {
+            cause: e.to_string(),
         })
     }
 
