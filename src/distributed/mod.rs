@@ -201,14 +201,30 @@ impl ByteCounter {
     }
 }
 
+/// Runs `op` once per bucket of `tensors` (see [`buckets`]) on the bucket flattened into one
+/// tensor, then copies the tensor `op` returns back into the bucket's tensors: the loop every
+/// backend's in-place collective shares.
+pub(crate) fn per_bucket(
+    tensors: &[Tensor],
+    mut op: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    for bucket in buckets(tensors, BUCKET_BYTES) {
+        let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
+        let flat = flat_cat(&group);
+        let result = op(&flat)?;
+        scatter_back(&result, &group);
+    }
+    Ok(())
+}
+
 /// The flat concatenation of `tensors` (all of one kind).
-pub(crate) fn flat_cat(tensors: &[&Tensor]) -> Tensor {
+fn flat_cat(tensors: &[&Tensor]) -> Tensor {
     let parts: Vec<Tensor> = tensors.iter().map(|t| t.flatten(0, -1)).collect();
     Tensor::cat(&parts, 0)
 }
 
 /// Copies consecutive pieces of `flat` back into `tensors`.
-pub(crate) fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
+fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
     let mut offset = 0;
     for t in tensors {
         let n = t.numel() as i64;

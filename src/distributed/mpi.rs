@@ -12,9 +12,7 @@ use mpi::traits::*;
 use mpi::topology::Communicator as _;
 use tch::{Device, Kind, Tensor};
 
-use super::{
-    buckets, flat_cat, scatter_back, ByteCounter, Communicator, DistError, World, BUCKET_BYTES,
-};
+use super::{per_bucket, ByteCounter, Communicator, DistError, World};
 
 pub struct MpiComm {
     // Field order: the communicators are freed before the universe finalizes MPI.
@@ -131,10 +129,8 @@ impl Communicator for MpiComm {
     }
 
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
-        for bucket in buckets(tensors, BUCKET_BYTES) {
-            let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
-            let flat = flat_cat(&group);
-            let send = Host::from(&flat)?;
+        per_bucket(tensors, |flat| {
+            let send = Host::from(flat)?;
             let mut recv = send.zeros_like(flat.numel());
             match (&send, &mut recv) {
                 (Host::F32(s), Host::F32(r)) => {
@@ -147,10 +143,9 @@ impl Communicator for MpiComm {
                 }
                 _ => unreachable!("zeros_like keeps the precision"),
             }
-            self.sent.add(&[&flat]);
-            scatter_back(&recv.tensor(flat.kind(), flat.device()), &group);
-        }
-        Ok(())
+            self.sent.add(&[flat]);
+            Ok(recv.tensor(flat.kind(), flat.device()))
+        })
     }
 
     fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
@@ -182,20 +177,17 @@ impl Communicator for MpiComm {
 
     fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
         let root_proc = self.world_comm.process_at_rank(root as i32);
-        for bucket in buckets(tensors, BUCKET_BYTES) {
-            let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
-            let flat = flat_cat(&group);
-            let mut host = Host::from(&flat)?;
+        per_bucket(tensors, |flat| {
+            let mut host = Host::from(flat)?;
             match &mut host {
                 Host::F32(v) => root_proc.broadcast_into(&mut v[..]),
                 Host::F64(v) => root_proc.broadcast_into(&mut v[..]),
             }
             if self.world.rank == root {
-                self.sent.add(&[&flat]);
+                self.sent.add(&[flat]);
             }
-            scatter_back(&host.tensor(flat.kind(), flat.device()), &group);
-        }
-        Ok(())
+            Ok(host.tensor(flat.kind(), flat.device()))
+        })
     }
 
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {

@@ -13,9 +13,7 @@ use libloading::{Library, Symbol};
 use tch::{Device, Kind, Tensor};
 
 use super::mpi::MpiComm;
-use super::{
-    buckets, flat_cat, scatter_back, ByteCounter, Communicator, DistError, World, BUCKET_BYTES,
-};
+use super::{per_bucket, ByteCounter, Communicator, DistError, World};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -64,14 +62,14 @@ fn nccl_type(kind: Kind) -> Result<c_int, DistError> {
     })
 }
 
-/// The symbol `name` (NUL-terminated) of libnccl.
+/// The symbol `name` of libnccl.
 ///
 /// # Safety
 /// `T` must be the symbol's C signature.
-unsafe fn symbol<'l, T>(lib: &'l Library, name: &[u8]) -> Result<Symbol<'l, T>, DistError> {
+unsafe fn symbol<'l, T>(lib: &'l Library, name: &str) -> Result<Symbol<'l, T>, DistError> {
     // SAFETY: the caller names the symbol's true type.
-    unsafe { lib.get(name) }.map_err(|e| DistError::NcclSymbol {
-        symbol: String::from_utf8_lossy(name.strip_suffix(b"\0").unwrap_or(name)).into_owned(),
+    unsafe { lib.get(name.as_bytes()) }.map_err(|e| DistError::NcclSymbol {
+        symbol: name.to_owned(),
         cause: e.to_string(),
     })
 }
@@ -166,7 +164,7 @@ impl NcclComm {
         if world.rank == 0 {
             // SAFETY: the symbol has this C signature in every NCCL 2.x.
             let get_id: Symbol<unsafe extern "C" fn(*mut UniqueId) -> NcclResult> =
-                unsafe { symbol(&lib, b"ncclGetUniqueId\0")? };
+                unsafe { symbol(&lib, "ncclGetUniqueId")? };
             check(&lib, unsafe { get_id(&mut id) }, "ncclGetUniqueId")?;
         }
         if let Some(m) = mpi {
@@ -180,7 +178,7 @@ impl NcclComm {
         // SAFETY: ncclCommInitRank(ncclComm_t*, int nranks, ncclUniqueId, int rank).
         let init: Symbol<
             unsafe extern "C" fn(*mut NcclComm_, c_int, UniqueId, c_int) -> NcclResult,
-        > = unsafe { symbol(&lib, b"ncclCommInitRank\0")? };
+        > = unsafe { symbol(&lib, "ncclCommInitRank")? };
         check(
             &lib,
             unsafe { init(&mut comm, world.size as c_int, id, world.rank as c_int) },
@@ -200,26 +198,17 @@ impl NcclComm {
         Ok(())
     }
 
-    fn all_reduce_flat(&self, t: &Tensor) -> Result<(), DistError> {
+    /// `ncclAllReduce` (`arg` = the reduction) or `ncclBroadcast` (`arg` = the root) of `t`
+    /// in place: the two share one C signature.
+    fn in_place(&self, call: &'static str, t: &Tensor, arg: c_int) -> Result<(), DistError> {
         self.on_device(t)?;
-        // SAFETY: signature of ncclAllReduce; buffers are the tensor's device memory.
-        let f: Symbol<SendRecvFn> = unsafe { symbol(&self.lib, b"ncclAllReduce\0")? };
+        // SAFETY: both calls have this signature; buffers are the tensor's device memory.
+        let f: Symbol<SendRecvFn> = unsafe { symbol(&self.lib, call)? };
         let p = t.data_ptr();
-        check(
-            &self.lib,
-            unsafe {
-                f(
-                    p,
-                    p,
-                    t.numel(),
-                    nccl_type(t.kind())?,
-                    NCCL_SUM,
-                    self.comm,
-                    std::ptr::null_mut(),
-                )
-            },
-            "ncclAllReduce",
-        )
+        let kind = nccl_type(t.kind())?;
+        // SAFETY: `t` is contiguous on this communicator's device and holds numel elements.
+        let rc = unsafe { f(p, p, t.numel(), kind, arg, self.comm, std::ptr::null_mut()) };
+        check(&self.lib, rc, call)
     }
 
     fn host(&self) -> Option<&MpiComm> {
@@ -254,14 +243,11 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
-        for bucket in buckets(tensors, BUCKET_BYTES) {
-            let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
-            let flat = flat_cat(&group);
-            self.all_reduce_flat(&flat)?;
-            self.sent.add(&[&flat]);
-            scatter_back(&flat, &group);
-        }
-        Ok(())
+        per_bucket(tensors, |flat| {
+            self.in_place("ncclAllReduce", flat, NCCL_SUM)?;
+            self.sent.add(&[flat]);
+            Ok(flat.shallow_clone())
+        })
     }
 
     fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
@@ -287,7 +273,7 @@ impl Communicator for NcclComm {
         out_shape[0] = max * self.world.size as i64;
         let out = Tensor::empty(&out_shape[..], (local.kind(), local.device()));
         // SAFETY: signature of ncclAllGather; `out` holds size × sendcount elements.
-        let f: Symbol<AllGatherFn> = unsafe { symbol(&self.lib, b"ncclAllGather\0")? };
+        let f: Symbol<AllGatherFn> = unsafe { symbol(&self.lib, "ncclAllGather")? };
         check(
             &self.lib,
             unsafe {
@@ -312,26 +298,9 @@ impl Communicator for NcclComm {
     }
 
     fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
-        // SAFETY: signature of ncclBroadcast.
-        let f: Symbol<SendRecvFn> = unsafe { symbol(&self.lib, b"ncclBroadcast\0")? };
         for t in tensors {
             let c = t.contiguous();
-            self.on_device(&c)?;
-            check(
-                &self.lib,
-                unsafe {
-                    f(
-                        c.data_ptr(),
-                        c.data_ptr(),
-                        c.numel(),
-                        nccl_type(c.kind())?,
-                        root as c_int,
-                        self.comm,
-                        std::ptr::null_mut(),
-                    )
-                },
-                "ncclBroadcast",
-            )?;
+            self.in_place("ncclBroadcast", &c, root as c_int)?;
             if c.data_ptr() != t.data_ptr() {
                 let mut dst = t.shallow_clone();
                 tch::no_grad(|| dst.copy_(&c));

@@ -105,35 +105,31 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> Result<(), ModelError> {
-        let bad = |what: &str, v: i64| {
-            Err(ModelError::InvalidConfig(format!(
-                "{what} must be at least 1, got {v}"
-            )))
-        };
-        for (what, v) in [
+        /// The first of the named sizes below 1, as the error.
+        fn at_least_one(sizes: &[(&str, i64)]) -> Result<(), ModelError> {
+            match sizes.iter().find(|(_, v)| *v < 1) {
+                Some((what, v)) => Err(ModelError::InvalidConfig(format!(
+                    "{what} must be at least 1, got {v}"
+                ))),
+                None => Ok(()),
+            }
+        }
+        at_least_one(&[
             ("n_way", self.n_way),
             ("k_shot", self.k_shot),
             ("n_query", self.n_query),
             ("image_size", self.image_size),
-        ] {
-            if v < 1 {
-                return bad(what, v);
-            }
-        }
+        ])?;
         if matches!(self.method, Method::FsctCosine | Method::FsctSoftmax) {
-            for (what, v) in [
+            at_least_one(&[
                 ("depth", self.depth),
                 ("heads", self.heads),
                 ("dim_head", self.dim_head),
                 ("mlp_dim", self.mlp_dim),
-            ] {
-                if v < 1 {
-                    return bad(what, v);
-                }
-            }
+            ])?;
         }
-        if self.method.is_ctx() && self.dim_attn < 1 {
-            return bad("dim_attn", self.dim_attn);
+        if self.method.is_ctx() {
+            at_least_one(&[("dim_attn", self.dim_attn)])?;
         }
         for (what, v) in [
             ("lambda_I", self.lambda_i),
