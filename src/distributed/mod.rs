@@ -6,14 +6,17 @@
 //! (CPU tensors; GPU tensors staged through host memory), or [`nccl::NcclComm`] (GPU tensors on
 //! libtorch's stream, with MPI for the unique id and for host-side values).
 
+mod error;
 pub mod mpi;
 pub mod nccl;
 pub mod peers;
 pub mod watchdog;
 
+pub use error::DistError;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 pub use crate::config::CommKind;
@@ -176,14 +179,30 @@ impl ByteCounter {
     }
 }
 
+/// Runs `op` once per bucket of `tensors` (see [`buckets`]) on the bucket flattened into one
+/// tensor, then copies the tensor `op` returns back into the bucket's tensors: the loop every
+/// backend's in-place collective shares.
+pub(crate) fn per_bucket(
+    tensors: &[Tensor],
+    mut op: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    for bucket in buckets(tensors, BUCKET_BYTES) {
+        let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
+        let flat = flat_cat(&group);
+        let result = op(&flat)?;
+        scatter_back(&result, &group);
+    }
+    Ok(())
+}
+
 /// The flat concatenation of `tensors` (all of one kind).
-pub(crate) fn flat_cat(tensors: &[&Tensor]) -> Tensor {
+fn flat_cat(tensors: &[&Tensor]) -> Tensor {
     let parts: Vec<Tensor> = tensors.iter().map(|t| t.flatten(0, -1)).collect();
     Tensor::cat(&parts, 0)
 }
 
 /// Copies consecutive pieces of `flat` back into `tensors`.
-pub(crate) fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
+fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
     let mut offset = 0;
     for t in tensors {
         let n = t.numel() as i64;
@@ -231,13 +250,11 @@ pub fn init(kind: CommKind, device: Device) -> Result<Box<dyn Communicator>> {
     let world = mpi.world();
     if let Some(n) = launcher_world_size() {
         if n != world.size && world.size == 1 {
-            bail!(
-                "the launcher started {n} ranks but MPI reports a world of {}: this binary was \
-                 built against a different MPI than the `mpirun` that launched it. Use the \
-                 mpirun of the MPI that `launch/setup.sh` installed (OpenMPI: /usr/bin/mpirun), \
-                 or launch/mpirun.sh",
-                world.size
-            );
+            return Err(DistError::LauncherMismatch {
+                launched: n,
+                mpi: world.size,
+            }
+            .into());
         }
     }
     let use_nccl = match kind {
@@ -284,14 +301,6 @@ pub fn sum_f64(comm: &dyn Communicator, v: f64) -> Result<f64> {
 /// Whether every rank says `ok` (one tiny all-reduce).
 pub fn all_ok(comm: &dyn Communicator, ok: bool) -> Result<bool> {
     Ok(sum_f64(comm, if ok { 0.0 } else { 1.0 })? == 0.0)
-}
-
-/// Collectives move floating-point tensors only (gradients, embeddings, weights, statistics).
-pub(crate) fn check_float(t: &Tensor) -> Result<()> {
-    match t.kind() {
-        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 => Ok(()),
-        k => bail!("collectives support floating-point tensors, not {k:?}"),
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! moved through host memory as f32 (f64 for Double tensors). GPU tensors are staged through
 //! the host, so this backend works everywhere but NCCL is the fast path on GPUs.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
@@ -12,9 +12,7 @@ use mpi::traits::*;
 use mpi::topology::Communicator as _;
 use tch::{Device, Kind, Tensor};
 
-use super::{
-    buckets, check_float, flat_cat, scatter_back, ByteCounter, Communicator, World, BUCKET_BYTES,
-};
+use super::{per_bucket, ByteCounter, Communicator, DistError, World};
 
 pub struct MpiComm {
     // Field order: the communicators are freed before the universe finalizes MPI.
@@ -27,10 +25,8 @@ pub struct MpiComm {
 impl MpiComm {
     /// Initialises MPI (once per process) and finds this rank's place, the local rank from a
     /// shared-memory split of the world.
-    pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().context(
-            "MPI was already initialised in this process (only one communicator can be made)",
-        )?;
+    pub fn init() -> Result<Self, DistError> {
+        let universe = mpi::initialize().ok_or(DistError::MpiInitialisedTwice)?;
         let world_comm = universe.world();
         let node = world_comm.split_shared(world_comm.rank());
         let world = World {
@@ -72,13 +68,25 @@ enum Host {
 }
 
 impl Host {
-    fn from(t: &Tensor) -> Result<Self> {
-        check_float(t)?;
+    /// Collectives move floating-point tensors only (gradients, embeddings, weights, statistics).
+    fn from(t: &Tensor) -> Result<Self, DistError> {
+        match t.kind() {
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 => {}
+            kind => {
+                return Err(DistError::NotFloat {
+                    backend: "MPI",
+                    kind,
+                })
+            }
+        }
         let flat = t.flatten(0, -1).to_device(Device::Cpu);
-        Ok(if t.kind() == Kind::Double {
-            Host::F64(Vec::try_from(&flat)?)
+        let copied = if t.kind() == Kind::Double {
+            Vec::try_from(&flat).map(Host::F64)
         } else {
-            Host::F32(Vec::try_from(&flat.to_kind(Kind::Float))?)
+            Vec::try_from(&flat.to_kind(Kind::Float)).map(Host::F32)
+        };
+        copied.map_err(|e| DistError::HostCopy {
+            cause: e.to_string(),
         })
     }
 
@@ -121,10 +129,8 @@ impl Communicator for MpiComm {
     }
 
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
-        for bucket in buckets(tensors, BUCKET_BYTES) {
-            let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
-            let flat = flat_cat(&group);
-            let send = Host::from(&flat)?;
+        per_bucket(tensors, |flat| {
+            let send = Host::from(flat)?;
             let mut recv = send.zeros_like(flat.numel());
             match (&send, &mut recv) {
                 (Host::F32(s), Host::F32(r)) => {
@@ -137,10 +143,9 @@ impl Communicator for MpiComm {
                 }
                 _ => unreachable!("zeros_like keeps the precision"),
             }
-            self.sent.add(&[&flat]);
-            scatter_back(&recv.tensor(flat.kind(), flat.device()), &group);
-        }
-        Ok(())
+            self.sent.add(&[flat]);
+            Ok(recv.tensor(flat.kind(), flat.device()))
+        })
     }
 
     fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
@@ -172,20 +177,17 @@ impl Communicator for MpiComm {
 
     fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
         let root_proc = self.world_comm.process_at_rank(root as i32);
-        for bucket in buckets(tensors, BUCKET_BYTES) {
-            let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
-            let flat = flat_cat(&group);
-            let mut host = Host::from(&flat)?;
+        per_bucket(tensors, |flat| {
+            let mut host = Host::from(flat)?;
             match &mut host {
                 Host::F32(v) => root_proc.broadcast_into(&mut v[..]),
                 Host::F64(v) => root_proc.broadcast_into(&mut v[..]),
             }
             if self.world.rank == root {
-                self.sent.add(&[&flat]);
+                self.sent.add(&[flat]);
             }
-            scatter_back(&host.tensor(flat.kind(), flat.device()), &group);
-        }
-        Ok(())
+            Ok(host.tensor(flat.kind(), flat.device()))
+        })
     }
 
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {

@@ -8,12 +8,12 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::Result;
 use libloading::{Library, Symbol};
 use tch::{Device, Kind, Tensor};
 
 use super::mpi::MpiComm;
-use super::{buckets, flat_cat, scatter_back, ByteCounter, Communicator, World, BUCKET_BYTES};
+use super::{per_bucket, ByteCounter, Communicator, DistError, World};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -27,14 +27,50 @@ type NcclResult = c_int;
 
 const NCCL_SUM: c_int = 0;
 
+/// `ncclAllReduce(send, recv, count, type, op, comm, stream)` and
+/// `ncclBroadcast(send, recv, count, type, root, comm, stream)`: one C signature.
+type SendRecvFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    NcclComm_,
+    Stream,
+) -> NcclResult;
+
+/// `ncclAllGather(send, recv, sendcount, type, comm, stream)`.
+type AllGatherFn =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, NcclComm_, Stream) -> NcclResult;
+
+/// `ncclCommAbort(comm)` and `ncclCommDestroy(comm)`.
+type CommFn = unsafe extern "C" fn(NcclComm_) -> NcclResult;
+
 /// ncclDataType_t for a tensor kind.
-fn nccl_type(kind: Kind) -> Result<c_int> {
+fn nccl_type(kind: Kind) -> Result<c_int, DistError> {
     Ok(match kind {
         Kind::Half => 6,
         Kind::Float => 7,
         Kind::Double => 8,
         Kind::BFloat16 => 9,
-        k => bail!("NCCL collectives here support floating-point tensors, not {k:?}"),
+        kind => {
+            return Err(DistError::NotFloat {
+                backend: "NCCL",
+                kind,
+            })
+        }
+    })
+}
+
+/// The symbol `name` of libnccl.
+///
+/// # Safety
+/// `T` must be the symbol's C signature.
+unsafe fn symbol<'l, T>(lib: &'l Library, name: &str) -> Result<Symbol<'l, T>, DistError> {
+    // SAFETY: the caller names the symbol's true type.
+    unsafe { lib.get(name.as_bytes()) }.map_err(|e| DistError::NcclSymbol {
+        symbol: name.to_owned(),
+        cause: e.to_string(),
     })
 }
 
@@ -48,7 +84,7 @@ fn candidates() -> Vec<String> {
     v
 }
 
-fn load() -> Result<Library> {
+fn load() -> Result<Library, DistError> {
     let mut errors = Vec::new();
     for name in candidates() {
         // SAFETY: loading NCCL runs its (well-behaved) initialisers only.
@@ -57,11 +93,9 @@ fn load() -> Result<Library> {
             Err(e) => errors.push(format!("{name}: {e}")),
         }
     }
-    bail!(
-        "NCCL is not available ({}). Install the CUDA torch wheels (launch/setup.sh on a GPU \
-         machine installs them), or run with --comm mpi",
-        errors.join("; ")
-    )
+    Err(DistError::NcclLoad {
+        tried: errors.join("; "),
+    })
 }
 
 /// Whether libnccl can be opened and a CUDA device is visible.
@@ -80,17 +114,17 @@ pub struct NcclComm {
 
 impl NcclComm {
     /// A communicator over the MPI world, on `device` (this rank's GPU).
-    pub fn new(mpi: MpiComm, device: Device) -> Result<Self> {
+    pub fn new(mpi: MpiComm, device: Device) -> Result<Self, DistError> {
         let world = mpi.world();
         Self::create(Some(mpi), world, device)
     }
 
     /// A one-rank NCCL communicator (no MPI): exercises the NCCL path on a single GPU.
-    pub fn single(device: Device) -> Result<Self> {
+    pub fn single(device: Device) -> Result<Self, DistError> {
         Self::create(None, World::SINGLE, device)
     }
 
-    fn create(mpi: Option<MpiComm>, world: World, device: Device) -> Result<Self> {
+    fn create(mpi: Option<MpiComm>, world: World, device: Device) -> Result<Self, DistError> {
         match Self::connect(mpi.as_ref(), world, device) {
             Ok((lib, comm)) => Ok(Self {
                 lib,
@@ -114,20 +148,23 @@ impl NcclComm {
         mpi: Option<&MpiComm>,
         world: World,
         device: Device,
-    ) -> Result<(Library, NcclComm_)> {
+    ) -> Result<(Library, NcclComm_), DistError> {
         let Device::Cuda(index) = device else {
-            bail!("--comm nccl needs a CUDA device (--device cuda), not {device:?}; use --comm mpi on CPU");
+            return Err(DistError::NcclNeedsCuda { device });
         };
         if !tch::Cuda::is_available() {
-            bail!("--comm nccl: no CUDA device is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --comm mpi");
+            return Err(DistError::NoCudaDevice);
         }
         let lib = load()?;
-        crate::ffi::cuda::set_device(index).context("selecting this rank's GPU for NCCL")?;
+        crate::ffi::cuda::set_device(index).map_err(|e| DistError::SelectGpu {
+            index,
+            cause: e.to_string(),
+        })?;
         let mut id = UniqueId { internal: [0; 128] };
         if world.rank == 0 {
             // SAFETY: the symbol has this C signature in every NCCL 2.x.
             let get_id: Symbol<unsafe extern "C" fn(*mut UniqueId) -> NcclResult> =
-                unsafe { lib.get(b"ncclGetUniqueId\0")? };
+                unsafe { symbol(&lib, "ncclGetUniqueId")? };
             check(&lib, unsafe { get_id(&mut id) }, "ncclGetUniqueId")?;
         }
         if let Some(m) = mpi {
@@ -141,7 +178,7 @@ impl NcclComm {
         // SAFETY: ncclCommInitRank(ncclComm_t*, int nranks, ncclUniqueId, int rank).
         let init: Symbol<
             unsafe extern "C" fn(*mut NcclComm_, c_int, UniqueId, c_int) -> NcclResult,
-        > = unsafe { lib.get(b"ncclCommInitRank\0")? };
+        > = unsafe { symbol(&lib, "ncclCommInitRank")? };
         check(
             &lib,
             unsafe { init(&mut comm, world.size as c_int, id, world.rank as c_int) },
@@ -150,47 +187,28 @@ impl NcclComm {
         Ok((lib, comm))
     }
 
-    fn on_device(&self, t: &Tensor) -> Result<()> {
+    fn on_device(&self, t: &Tensor) -> Result<(), DistError> {
         if t.device() != self.device || !t.is_contiguous() {
-            bail!(
-                "NCCL tensors must be contiguous on {:?} (got {:?}, contiguous {})",
-                self.device,
-                t.device(),
-                t.is_contiguous()
-            );
+            return Err(DistError::NotOnDevice {
+                expected: self.device,
+                got: t.device(),
+                contiguous: t.is_contiguous(),
+            });
         }
         Ok(())
     }
 
-    fn all_reduce_flat(&self, t: &Tensor) -> Result<()> {
+    /// `ncclAllReduce` (`arg` = the reduction) or `ncclBroadcast` (`arg` = the root) of `t`
+    /// in place: the two share one C signature.
+    fn in_place(&self, call: &'static str, t: &Tensor, arg: c_int) -> Result<(), DistError> {
         self.on_device(t)?;
-        type F = unsafe extern "C" fn(
-            *const c_void,
-            *mut c_void,
-            usize,
-            c_int,
-            c_int,
-            NcclComm_,
-            Stream,
-        ) -> NcclResult;
-        // SAFETY: signature of ncclAllReduce; buffers are the tensor's device memory.
-        let f: Symbol<F> = unsafe { self.lib.get(b"ncclAllReduce\0")? };
+        // SAFETY: both calls have this signature; buffers are the tensor's device memory.
+        let f: Symbol<SendRecvFn> = unsafe { symbol(&self.lib, call)? };
         let p = t.data_ptr();
-        check(
-            &self.lib,
-            unsafe {
-                f(
-                    p,
-                    p,
-                    t.numel(),
-                    nccl_type(t.kind())?,
-                    NCCL_SUM,
-                    self.comm,
-                    std::ptr::null_mut(),
-                )
-            },
-            "ncclAllReduce",
-        )
+        let kind = nccl_type(t.kind())?;
+        // SAFETY: `t` is contiguous on this communicator's device and holds numel elements.
+        let rc = unsafe { f(p, p, t.numel(), kind, arg, self.comm, std::ptr::null_mut()) };
+        check(&self.lib, rc, call)
     }
 
     fn host(&self) -> Option<&MpiComm> {
@@ -198,7 +216,7 @@ impl NcclComm {
     }
 }
 
-fn check(lib: &Library, rc: NcclResult, what: &str) -> Result<()> {
+fn check(lib: &Library, rc: NcclResult, call: &'static str) -> Result<(), DistError> {
     if rc == 0 {
         return Ok(());
     }
@@ -208,10 +226,11 @@ fn check(lib: &Library, rc: NcclResult, what: &str) -> Result<()> {
             .ok()
             .map(|f| CStr::from_ptr(f(rc)).to_string_lossy().into_owned())
     };
-    Err(anyhow!(
-        "{what} failed: {} (NCCL code {rc})",
-        msg.unwrap_or_default()
-    ))
+    Err(DistError::NcclCall {
+        call,
+        code: rc,
+        message: msg.unwrap_or_default(),
+    })
 }
 
 impl Communicator for NcclComm {
@@ -224,14 +243,11 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
-        for bucket in buckets(tensors, BUCKET_BYTES) {
-            let group: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
-            let flat = flat_cat(&group);
-            self.all_reduce_flat(&flat)?;
-            self.sent.add(&[&flat]);
-            scatter_back(&flat, &group);
-        }
-        Ok(())
+        per_bucket(tensors, |flat| {
+            self.in_place("ncclAllReduce", flat, NCCL_SUM)?;
+            self.sent.add(&[flat]);
+            Ok(flat.shallow_clone())
+        })
     }
 
     fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
@@ -256,16 +272,8 @@ impl Communicator for NcclComm {
         let mut out_shape = size.clone();
         out_shape[0] = max * self.world.size as i64;
         let out = Tensor::empty(&out_shape[..], (local.kind(), local.device()));
-        type F = unsafe extern "C" fn(
-            *const c_void,
-            *mut c_void,
-            usize,
-            c_int,
-            NcclComm_,
-            Stream,
-        ) -> NcclResult;
         // SAFETY: signature of ncclAllGather; `out` holds size × sendcount elements.
-        let f: Symbol<F> = unsafe { self.lib.get(b"ncclAllGather\0")? };
+        let f: Symbol<AllGatherFn> = unsafe { symbol(&self.lib, "ncclAllGather")? };
         check(
             &self.lib,
             unsafe {
@@ -290,35 +298,9 @@ impl Communicator for NcclComm {
     }
 
     fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
-        type F = unsafe extern "C" fn(
-            *const c_void,
-            *mut c_void,
-            usize,
-            c_int,
-            c_int,
-            NcclComm_,
-            Stream,
-        ) -> NcclResult;
-        // SAFETY: signature of ncclBroadcast.
-        let f: Symbol<F> = unsafe { self.lib.get(b"ncclBroadcast\0")? };
         for t in tensors {
             let c = t.contiguous();
-            self.on_device(&c)?;
-            check(
-                &self.lib,
-                unsafe {
-                    f(
-                        c.data_ptr(),
-                        c.data_ptr(),
-                        c.numel(),
-                        nccl_type(c.kind())?,
-                        root as c_int,
-                        self.comm,
-                        std::ptr::null_mut(),
-                    )
-                },
-                "ncclBroadcast",
-            )?;
+            self.in_place("ncclBroadcast", &c, root as c_int)?;
             if c.data_ptr() != t.data_ptr() {
                 let mut dst = t.shallow_clone();
                 tch::no_grad(|| dst.copy_(&c));
@@ -350,10 +332,7 @@ impl Communicator for NcclComm {
 
     fn abort(&self, code: i32) -> ! {
         // SAFETY: ncclCommAbort(ncclComm_t) frees the communicator without waiting for peers.
-        if let Ok(f) = unsafe {
-            self.lib
-                .get::<unsafe extern "C" fn(NcclComm_) -> NcclResult>(b"ncclCommAbort\0")
-        } {
+        if let Ok(f) = unsafe { self.lib.get::<CommFn>(b"ncclCommAbort\0") } {
             unsafe { f(self.comm) };
         }
         match self.host() {
@@ -365,12 +344,7 @@ impl Communicator for NcclComm {
     fn abort_handle(&self) -> super::AbortHandle {
         // SAFETY: as in `abort`; the library stays loaded while the process lives (the handle
         // ends it), and the raw communicator is only handed to ncclCommAbort.
-        let f = unsafe {
-            self.lib
-                .get::<unsafe extern "C" fn(NcclComm_) -> NcclResult>(b"ncclCommAbort\0")
-                .map(|s| *s)
-                .ok()
-        };
+        let f = unsafe { self.lib.get::<CommFn>(b"ncclCommAbort\0").map(|s| *s).ok() };
         let comm = self.comm as usize;
         let has_mpi = self.mpi.is_some();
         Box::new(move |code| {
@@ -392,10 +366,7 @@ impl Communicator for NcclComm {
 impl Drop for NcclComm {
     fn drop(&mut self) {
         // SAFETY: ncclCommDestroy(ncclComm_t); the communicator is not used after this.
-        if let Ok(f) = unsafe {
-            self.lib
-                .get::<unsafe extern "C" fn(NcclComm_) -> NcclResult>(b"ncclCommDestroy\0")
-        } {
+        if let Ok(f) = unsafe { self.lib.get::<CommFn>(b"ncclCommDestroy\0") } {
             unsafe { f(self.comm) };
         }
     }

@@ -3,7 +3,7 @@
 
 use tch::{nn, Tensor};
 
-use super::layers::{BatchNorm2d, BnMode, Conv2d, ConvInit};
+use super::layers::{BatchNorm2d, BnMode, Conv2d, ConvInit, ConvSpec};
 use super::ModelError;
 use crate::config::Backbone;
 
@@ -19,16 +19,10 @@ struct ConvBlock {
 
 impl ConvBlock {
     fn new(p: &nn::Path, c_in: i64, c_out: i64, pool: bool, padding: i64) -> Self {
-        let conv = Conv2d::new(
-            &(p / "C"),
-            c_in,
-            c_out,
-            3,
-            1,
-            padding,
-            true,
-            ConvInit::FanOutNormal,
-        );
+        let spec = ConvSpec::new(c_in, c_out, 3)
+            .with_padding(padding)
+            .with_bias();
+        let conv = Conv2d::new(&(p / "C"), spec, ConvInit::FanOutNormal);
         let bn = BatchNorm2d::new(&(p / "BN"), c_out);
         Self { conv, bn, pool }
     }
@@ -56,14 +50,28 @@ struct BasicBlock {
 impl BasicBlock {
     fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
         let k = ConvInit::KaimingFanOut;
-        let conv1 = Conv2d::new(&(p / "conv1"), c_in, c_out, 3, stride, 1, false, k);
+        let conv1 = Conv2d::new(
+            &(p / "conv1"),
+            ConvSpec::new(c_in, c_out, 3)
+                .with_stride(stride)
+                .with_padding(1),
+            k,
+        );
         let bn1 = BatchNorm2d::new(&(p / "bn1"), c_out);
-        let conv2 = Conv2d::new(&(p / "conv2"), c_out, c_out, 3, 1, 1, false, k);
+        let conv2 = Conv2d::new(
+            &(p / "conv2"),
+            ConvSpec::new(c_out, c_out, 3).with_padding(1),
+            k,
+        );
         let bn2 = BatchNorm2d::new(&(p / "bn2"), c_out);
         let downsample = (stride != 1 || c_in != c_out).then(|| {
             let d = p / "downsample";
             (
-                Conv2d::new(&(&d / "0"), c_in, c_out, 1, stride, 0, false, k),
+                Conv2d::new(
+                    &(&d / "0"),
+                    ConvSpec::new(c_in, c_out, 1).with_stride(stride),
+                    k,
+                ),
                 BatchNorm2d::new(&(&d / "1"), c_out),
             )
         });
@@ -106,10 +114,11 @@ struct ResNet {
 impl ResNet {
     fn new(p: &nn::Path, blocks: [i64; 4], stem: ResNetStem) -> Self {
         let k = ConvInit::KaimingFanOut;
-        let conv1 = match stem {
-            ResNetStem::Feti => Conv2d::new(&(p / "conv1"), 3, 64, 5, 2, 1, false, k),
-            ResNetStem::Torchvision => Conv2d::new(&(p / "conv1"), 3, 64, 7, 2, 3, false, k),
+        let stem_conv = match stem {
+            ResNetStem::Feti => ConvSpec::new(3, 64, 5).with_stride(2).with_padding(1),
+            ResNetStem::Torchvision => ConvSpec::new(3, 64, 7).with_stride(2).with_padding(3),
         };
+        let conv1 = Conv2d::new(&(p / "conv1"), stem_conv, k);
         let bn1 = BatchNorm2d::new(&(p / "bn1"), 64);
         let mut c_in = 64;
         let mut layers = Vec::new();

@@ -3,7 +3,7 @@
 
 use tch::{nn, Tensor};
 
-use super::layers::{Conv2d, ConvInit};
+use super::layers::{Conv2d, ConvInit, ConvSpec};
 
 #[derive(Debug)]
 pub struct CtxHead {
@@ -15,16 +15,8 @@ pub struct CtxHead {
 impl CtxHead {
     /// `linear_attn`: Conv2d(c_in, dim_attn, 1×1, no bias), shared by the four projections.
     pub fn new(p: &nn::Path, c_in: i64, dim_attn: i64, cosine: bool) -> Self {
-        let linear_attn = Conv2d::new(
-            &(p / "linear_attn"),
-            c_in,
-            dim_attn,
-            1,
-            1,
-            0,
-            false,
-            ConvInit::Default,
-        );
+        let spec = ConvSpec::new(c_in, dim_attn, 1);
+        let linear_attn = Conv2d::new(&(p / "linear_attn"), spec, ConvInit::Default);
         Self {
             linear_attn,
             dim_attn,

@@ -95,6 +95,48 @@ pub struct Conv2d {
     padding: i64,
 }
 
+/// The shape of an `nn.Conv2d(c_in, c_out, kernel, stride, padding, bias)`, so that a call
+/// site names which number is which (five integers in a row are easy to swap):
+/// `ConvSpec::new(3, 64, 7).with_stride(2).with_padding(3)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub c_in: i64,
+    pub c_out: i64,
+    /// Side of the square kernel.
+    pub kernel: i64,
+    pub stride: i64,
+    /// Zero padding on every side.
+    pub padding: i64,
+    /// Whether the layer has a bias (PyTorch's default init U(±1/√fan_in)).
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    /// A `kernel`×`kernel` conv from `c_in` to `c_out` channels: stride 1, no padding, no bias.
+    pub fn new(c_in: i64, c_out: i64, kernel: i64) -> Self {
+        Self {
+            c_in,
+            c_out,
+            kernel,
+            stride: 1,
+            padding: 0,
+            bias: false,
+        }
+    }
+
+    pub fn with_stride(self, stride: i64) -> Self {
+        Self { stride, ..self }
+    }
+
+    pub fn with_padding(self, padding: i64) -> Self {
+        Self { padding, ..self }
+    }
+
+    pub fn with_bias(self) -> Self {
+        Self { bias: true, ..self }
+    }
+}
+
 /// How a conv weight is initialised.
 #[derive(Debug, Clone, Copy)]
 pub enum ConvInit {
@@ -107,17 +149,15 @@ pub enum ConvInit {
 }
 
 impl Conv2d {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        p: &nn::Path,
-        c_in: i64,
-        c_out: i64,
-        k: i64,
-        stride: i64,
-        padding: i64,
-        bias: bool,
-        init: ConvInit,
-    ) -> Self {
+    pub fn new(p: &nn::Path, spec: ConvSpec, init: ConvInit) -> Self {
+        let ConvSpec {
+            c_in,
+            c_out,
+            kernel: k,
+            stride,
+            padding,
+            bias,
+        } = spec;
         let fan_in = c_in * k * k;
         let winit = match init {
             ConvInit::FanOutNormal | ConvInit::KaimingFanOut => nn::Init::Randn {

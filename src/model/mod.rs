@@ -98,35 +98,31 @@ impl ModelConfig {
 
     fn validate(&self) -> Result<(), ModelError> {
         let m = &self.model;
-        let bad = |what: &str, v: i64| {
-            Err(ModelError::InvalidConfig(format!(
-                "{what} must be at least 1, got {v}"
-            )))
-        };
-        for (what, v) in [
+        /// The first of the named sizes below 1, as the error.
+        fn at_least_one(sizes: &[(&str, i64)]) -> Result<(), ModelError> {
+            match sizes.iter().find(|(_, v)| *v < 1) {
+                Some((what, v)) => Err(ModelError::InvalidConfig(format!(
+                    "{what} must be at least 1, got {v}"
+                ))),
+                None => Ok(()),
+            }
+        }
+        at_least_one(&[
             ("n_way", self.n_way),
             ("k_shot", self.k_shot),
             ("n_query", self.n_query),
             ("image_size", self.image_size),
-        ] {
-            if v < 1 {
-                return bad(what, v);
-            }
-        }
+        ])?;
         if matches!(m.method, Method::FsctCosine | Method::FsctSoftmax) {
-            for (what, v) in [
+            at_least_one(&[
                 ("depth", m.depth),
                 ("heads", m.heads),
                 ("dim_head", m.dim_head),
                 ("mlp_dim", m.mlp_dim),
-            ] {
-                if v < 1 {
-                    return bad(what, v);
-                }
-            }
+            ])?;
         }
-        if m.method.is_ctx() && m.dim_attn < 1 {
-            return bad("dim_attn", m.dim_attn);
+        if m.method.is_ctx() {
+            at_least_one(&[("dim_attn", m.dim_attn)])?;
         }
         for (what, v) in [
             ("lambda_I", m.lambda_i),

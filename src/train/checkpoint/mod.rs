@@ -6,12 +6,17 @@
 //!
 //! A checkpoint is written into a temp folder, every file fsynced, then renamed into place:
 //! it exists whole or not at all. The newest `keep` are kept.
+//!
+//! Failures are [`CheckpointError`]s (`save` and `load` return them inside `anyhow::Error`,
+//! where callers can downcast).
+
+mod error;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::Tensor;
@@ -20,6 +25,7 @@ use super::amp::GradScalerState;
 use super::eval::Accuracy;
 use super::optim::Optimizer;
 use crate::config::{Backbone, RunConfig};
+pub use error::CheckpointError;
 
 /// Bumped when the layout changes; a newer checkpoint is refused by an older binary.
 pub const FORMAT_VERSION: u32 = 1;
@@ -102,9 +108,9 @@ pub fn save(
     keep: usize,
 ) -> Result<PathBuf> {
     let dir = run.join(DIR);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = format!("step-{:08}", state.step);
     let final_dir = dir.join(&name);
+    fs::create_dir_all(&dir).map_err(|e| write_error(&final_dir, e.into()))?;
     let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     let written = (|| -> Result<()> {
@@ -126,16 +132,26 @@ pub fn save(
     })();
     if let Err(e) = written {
         let _ = fs::remove_dir_all(&tmp);
-        let hint = crate::files::disk_hint_for::<()>(&Err(anyhow::anyhow!("{e:#}")));
-        return Err(e.context(format!(
-            "writing checkpoint {}{hint}; the previous checkpoints are intact",
-            final_dir.display()
-        )));
+        return Err(write_error(&final_dir, e).into());
     }
     for old in list(run).into_iter().rev().skip(keep.max(1)) {
         let _ = fs::remove_dir_all(old);
     }
     Ok(final_dir)
+}
+
+/// A failed checkpoint write, with the disk-full hint when that is the cause.
+fn write_error(path: &Path, e: anyhow::Error) -> CheckpointError {
+    let cause = format!("{e:#}");
+    let hint = match crate::files::disk_hint_for::<()>(&Err(e)) {
+        "" => " (check that the run folder is writable)",
+        disk => disk,
+    };
+    CheckpointError::Write {
+        path: path.to_path_buf(),
+        hint,
+        cause,
+    }
 }
 
 /// For an error message: "; the last checkpoint … is kept: resume with …", or that there is
@@ -169,47 +185,40 @@ pub fn list(run: &Path) -> Vec<PathBuf> {
 }
 
 /// `path` is a run folder (its newest checkpoint) or one checkpoint folder.
-pub fn resolve(path: &Path) -> Result<PathBuf> {
+pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
     if path.join(STATE).is_file() {
         return Ok(path.to_path_buf());
     }
-    match list(path).pop() {
-        Some(p) => Ok(p),
-        None => bail!(
-            "{} holds no checkpoint to resume from (expected {}/step-*/ or a checkpoint folder); \
-             start a new run without --resume",
-            path.display(),
-            DIR
-        ),
-    }
+    list(path).pop().ok_or_else(|| CheckpointError::NotFound {
+        path: path.to_path_buf(),
+        dir: DIR,
+    })
 }
 
 /// Reads a checkpoint's state, refusing other formats and other models.
-pub fn read_state(ckpt: &Path) -> Result<CheckpointState> {
+pub fn read_state(ckpt: &Path) -> Result<CheckpointState, CheckpointError> {
     let path = ckpt.join(STATE);
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let version: serde_json::Value = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is damaged (not JSON); resume from an older checkpoint",
-            path.display()
-        )
+    let text = fs::read_to_string(&path).map_err(|cause| CheckpointError::Unreadable {
+        path: path.clone(),
+        cause,
     })?;
+    let damaged = |reason: String| CheckpointError::Damaged {
+        path: path.clone(),
+        reason,
+    };
+    let version: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| damaged(format!("not JSON: {e}")))?;
     let v = version["format_version"].as_u64().unwrap_or(0);
     if v > u64::from(FORMAT_VERSION) {
-        bail!(
-            "{} was written by a newer fsct-dist (checkpoint format {v}; this one reads up to \
-             {FORMAT_VERSION}); upgrade fsct-dist to resume it",
-            ckpt.display()
-        );
+        return Err(CheckpointError::FormatVersion {
+            path: ckpt.to_path_buf(),
+            found: v,
+            supported: FORMAT_VERSION,
+        });
     }
     serde_json::from_str(&text)
         .map(ModelSignature::upgrade_legacy)
-        .with_context(|| {
-            format!(
-                "{} is damaged; resume from an older checkpoint",
-                path.display()
-            )
-        })
+        .map_err(|e| damaged(e.to_string()))
 }
 
 /// Checks that a checkpoint's position is one this run can continue from: micro-steps that
@@ -221,15 +230,15 @@ pub fn check_position(
     state: &CheckpointState,
     config: &RunConfig,
     world: usize,
-) -> Result<()> {
+) -> Result<(), CheckpointError> {
+    let path = ckpt.join(STATE);
     let images = config.episode_images().unwrap_or(i64::MAX);
     if state.micro_steps < 1 || state.micro_steps > images {
-        bail!(
-            "{} says {} micro-steps, impossible for an episode of {images} images; the file is \
-             damaged: resume from another checkpoint",
-            ckpt.join(STATE).display(),
-            state.micro_steps
-        );
+        return Err(CheckpointError::BadMicroSteps {
+            path,
+            micro_steps: state.micro_steps,
+            images,
+        });
     }
     let per_epoch = config.steps_per_epoch(world);
     let expected = state
@@ -237,24 +246,20 @@ pub fn check_position(
         .checked_mul(per_epoch)
         .and_then(|s| s.checked_add(state.steps_in_epoch));
     if state.steps_in_epoch > per_epoch || expected != Some(state.step) {
-        bail!(
-            "{} is at step {} = epoch {} + {} steps, which does not fit {per_epoch} steps per \
-             epoch; resume with the run's own --episodes-per-epoch/--episodes-per-step (and \
-             the same number of ranks with --shard episodes), or from another checkpoint",
-            ckpt.join(STATE).display(),
-            state.step,
-            state.epoch,
-            state.steps_in_epoch
-        );
+        return Err(CheckpointError::BadPosition {
+            path,
+            step: state.step,
+            epoch: state.epoch,
+            steps_in_epoch: state.steps_in_epoch,
+            per_epoch,
+        });
     }
     if state.best_epoch.is_some_and(|b| b > state.epoch) {
-        bail!(
-            "{} names best epoch {:?} after its own epoch {}; the file is damaged: resume from \
-             another checkpoint",
-            ckpt.join(STATE).display(),
-            state.best_epoch,
-            state.epoch
-        );
+        return Err(CheckpointError::BadBestEpoch {
+            path,
+            best_epoch: state.best_epoch,
+            epoch: state.epoch,
+        });
     }
     Ok(())
 }
@@ -269,46 +274,71 @@ pub fn load(
 ) -> Result<()> {
     let want = ModelSignature::of(config);
     if state.model != want {
-        bail!(
-            "checkpoint {} is of another model ({:?}) than this run ({:?}); resume with the \
-             run's own settings or start a new run",
-            ckpt.display(),
-            state.model,
-            want
-        );
-    }
-    let older = || {
-        let all = list(ckpt.parent().and_then(Path::parent).unwrap_or(ckpt));
-        let names: Vec<String> = all
-            .iter()
-            .filter(|p| p.as_path() != ckpt)
-            .map(|p| p.display().to_string())
-            .collect();
-        if names.is_empty() {
-            String::new()
-        } else {
-            format!("; older checkpoints: {}", names.join(", "))
+        return Err(CheckpointError::OtherModel {
+            path: ckpt.to_path_buf(),
+            found: Box::new(state.model.clone()),
+            want: Box::new(want),
         }
+        .into());
+    }
+    // The run's other checkpoints: what to resume from when this one cannot be read.
+    let others = || -> Vec<PathBuf> {
+        list(ckpt.parent().and_then(Path::parent).unwrap_or(ckpt))
+            .into_iter()
+            .filter(|p| p.as_path() != ckpt)
+            .collect()
+    };
+    let truncated = |path: PathBuf, cause: String| CheckpointError::Truncated {
+        path,
+        cause,
+        others: others(),
     };
     // The checked load: a file with missing, extra or misshapen tensors is refused whole.
-    crate::model::load_checked(vs, &ckpt.join(MODEL), crate::model::WeightsSource::Run).map_err(
-        |e| {
-            anyhow::anyhow!(
-                "{} cannot be loaded ({e}): the file is damaged or truncated{}",
-                ckpt.join(MODEL).display(),
-                older()
-            )
-        },
-    )?;
-    let saved: BTreeMap<String, Tensor> = Tensor::read_safetensors(ckpt.join(OPTIMIZER))
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{} cannot be loaded ({e}): the file is damaged or truncated{}",
-                ckpt.join(OPTIMIZER).display(),
-                older()
-            )
-        })?
+    let model = ckpt.join(MODEL);
+    crate::model::load_checked(vs, &model, crate::model::WeightsSource::Run)
+        .map_err(|e| truncated(model.clone(), e.to_string()))?;
+    let optimizer = ckpt.join(OPTIMIZER);
+    let saved: BTreeMap<String, Tensor> = Tensor::read_safetensors(&optimizer)
+        .map_err(|e| truncated(optimizer.clone(), e.to_string()))?
         .into_iter()
         .collect();
-    opt.load_state(&saved)
+    opt.load_state(&saved).map_err(|e| {
+        CheckpointError::OptimizerMismatch {
+            path: optimizer,
+            cause: format!("{e:#}"),
+            others: others(),
+        }
+        .into()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_typed_so_callers_can_tell_them_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = resolve(dir.path()).unwrap_err();
+        assert!(matches!(err, CheckpointError::NotFound { .. }), "{err}");
+        assert!(err.to_string().contains("without --resume"), "{err}");
+
+        let ckpt = dir.path().join("step-00000001");
+        fs::create_dir_all(&ckpt).unwrap();
+        let err = read_state(&ckpt).unwrap_err();
+        assert!(matches!(err, CheckpointError::Unreadable { .. }), "{err}");
+        fs::write(ckpt.join(STATE), "{ not json").unwrap();
+        let err = read_state(&ckpt).unwrap_err();
+        assert!(matches!(err, CheckpointError::Damaged { .. }), "{err}");
+        fs::write(ckpt.join(STATE), r#"{"format_version": 99}"#).unwrap();
+        let err = anyhow::Error::from(read_state(&ckpt).unwrap_err());
+        assert!(
+            matches!(
+                err.downcast_ref::<CheckpointError>(),
+                Some(CheckpointError::FormatVersion { found: 99, .. })
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade fsct-dist"), "{err}");
+    }
 }
