@@ -121,10 +121,11 @@ fn check(case: &str, backbone: Backbone, layout: &str, prefix: &str) {
             "{case} {key}: max |ours - reference| = {err:.3e} (max |reference| = {scale:.2})"
         );
         // Bit-identical on the AVX2 CPU the fixtures were made on; other CPUs' kernels (AVX-512)
-        // round differently, measured up to 4.4e-6 of the features' scale. A tensor loaded into
-        // the wrong place is off by the scale itself.
+        // round differently, by up to 1.2e-5 of the features' scale measured (it varies with how
+        // the threads split the work). A tensor loaded into the wrong place is off by the scale
+        // itself.
         assert!(
-            err <= 1e-5 * scale,
+            err <= 5e-5 * scale,
             "{case} {key}: {err:.3e} (scale {scale:.2})"
         );
     }
