@@ -69,6 +69,20 @@ const DRAWABLE: f64 = 1e30;
 /// The points that can be drawn: NaN, infinite or astronomically large values (a diverged fp16
 /// run logs them) would make the axis range NaN or infinitely wide, and plotters then loops
 /// forever over its tick marks.
+/// Every chart's legend: a framed, lightly transparent box at `at`.
+pub fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    at: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))
+}
+
 fn finite(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
     points
         .iter()
@@ -173,12 +187,7 @@ pub fn plot_curves(curves: &Curves, title: &str, path: &Path) -> Result<()> {
                 .draw_series(series.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(|e| anyhow!("{e}"))?;
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
         root.present().map_err(|e| anyhow!("{e}"))?;
         Ok(())
     })

@@ -243,7 +243,7 @@ fn episodes_per_step_averages_the_episode_gradients() {
     // The same two episodes, one backward each, from the same initial weights.
     let built = train::build(&r).unwrap();
     let split = data::open_split(&ds, Split::Base).unwrap();
-    let cfg = train::loader_config(&r, false);
+    let cfg = data::LoaderConfig::for_run(&r, false);
     for index in 0..2 {
         let ep = data::load_episode(&split, built.shape, &cfg, 0, index).unwrap();
         step_alone(&built.model, &ep.images.flatten(0, 1), opts(1, false, 0.5));

@@ -12,7 +12,7 @@ use crate::distributed::Communicator;
 use crate::memory::{MemoryProfiler, Meter, Phase, PhaseSink, StepMemory};
 use crate::train::amp::{AmpMode, GradScaler};
 use crate::train::optimizer_step::{optimizer_step, reload_episode, StepHooks, StepPlan, Trainee};
-use crate::train::{build_on, dataset_root_on, loader_config, open_split, Built, EpochPlan};
+use crate::train::{build_on, dataset_root_on, open_split, Built, EpochPlan};
 
 /// Per-step numbers of one measured setting (steps after the warm-up).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,7 +104,7 @@ pub fn measure_steps(
     let total = warmup + steps;
     // The trainer's order: the first `total` steps of an epoch.
     let order = epochs.episodes(total);
-    let cfg = loader_config(r, c.data.train_aug);
+    let cfg = LoaderConfig::for_run(r, c.data.train_aug);
     let mut loader = EpisodeLoader::with_indices(
         Arc::clone(&base),
         shape,

@@ -20,7 +20,6 @@ use clap::Args;
 use crate::config::{Accumulation, AmpMode, Resolved, RunConfig};
 use crate::distributed::Communicator;
 use crate::files::{write_atomic, write_json};
-use crate::memory::Phase;
 use measure::{measure_steps, Measured};
 
 /// `bench memory`'s own flags: the settings swept over one model and episode (which the run
@@ -169,14 +168,7 @@ pub fn memory(base: &RunConfig, args: &MemoryArgs) -> Result<()> {
 pub fn step(r: &Resolved, args: &StepArgs, comm: &dyn Communicator) -> Result<()> {
     let m = measure_steps(r, comm, args.warmup, args.steps)?;
     if comm.world().is_root() {
-        let phases = [
-            Phase::Data,
-            Phase::BackboneForward,
-            Phase::Head,
-            Phase::Backward,
-            Phase::Communication,
-            Phase::Optimizer,
-        ];
+        let phases = scaling::PHASES;
         let mut line = format!(
             "W={} shard={:?} M={} step {:.3} s:",
             m.ranks,

@@ -281,12 +281,7 @@ pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
             c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(|x| e(&x))?;
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.85))
-            .draw()
-            .map_err(|x| e(&x))?;
+        crate::plot::draw_legend(&mut c, SeriesLabelPosition::UpperLeft)?;
 
         let n = r.points.len().max(1);
         let top = r.points.iter().map(|p| p.step_seconds).fold(0.0, f64::max) * 1.15;
@@ -344,12 +339,7 @@ pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
             .label(format!("{phase:?}"))
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.85))
-            .draw()
-            .map_err(|x| e(&x))?;
+        crate::plot::draw_legend(&mut c, SeriesLabelPosition::UpperLeft)?;
         root.present().map_err(|x| e(&x))?;
         Ok(())
     })

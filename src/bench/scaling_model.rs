@@ -524,12 +524,7 @@ fn plot(preds: &[Prediction], path: &std::path::Path) -> Result<()> {
             ))
             .map_err(|x| e(&x))?;
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.85))
-            .draw()
-            .map_err(|x| e(&x))?;
+        crate::plot::draw_legend(&mut c, SeriesLabelPosition::LowerLeft)?;
         root.present().map_err(|x| e(&x))?;
         Ok(())
     })

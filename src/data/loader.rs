@@ -36,6 +36,22 @@ pub struct LoaderConfig {
     pub slice: Option<(usize, usize)>,
 }
 
+impl LoaderConfig {
+    /// The loader of run `r`, with or without training augmentation.
+    pub fn for_run(r: &crate::config::Resolved, augment: bool) -> Self {
+        Self {
+            workers: r.workers,
+            prefetch: r.config.data.prefetch,
+            transform: TransformConfig {
+                image_size: r.config.data.image_size as u32,
+                augment,
+            },
+            seed: r.config.run.seed,
+            slice: None,
+        }
+    }
+}
+
 /// One episode, ready for the model.
 #[derive(Debug)]
 pub struct LoadedEpisode {

@@ -267,13 +267,7 @@ pub fn write_report(m: &StepMemory, meter: Meter, device: &str, dir: &Path) -> R
             .map_err(|e| anyhow!("{e}"))?
             .label("at phase end")
             .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], BLUE.mix(0.7).filled()));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.85))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        crate::plot::draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         root.present().map_err(|e| anyhow!("{e}"))?;
         Ok(())
     })

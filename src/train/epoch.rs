@@ -10,7 +10,6 @@ use super::dumps::save_grads;
 use super::metrics::Metric;
 use super::optimizer_step::{optimizer_step, reload_episode, StepHooks, Trainee};
 use super::run_state::Position;
-use super::setup::loader_config;
 use super::signals::StopFlag;
 use super::{checkpoint, step, Trainer};
 use crate::config::{RunConfig, ShardMode};
@@ -154,7 +153,7 @@ impl Trainer<'_> {
         slice: Option<(usize, usize)>,
         episodes: Vec<u64>,
     ) -> EpisodeLoader {
-        let cfg = loader_config(self.r, self.r.config.data.train_aug);
+        let cfg = LoaderConfig::for_run(self.r, self.r.config.data.train_aug);
         let loader = EpisodeLoader::with_indices(
             self.data.base.clone(),
             self.data.shape,
@@ -181,7 +180,7 @@ impl Trainer<'_> {
     ) -> Result<()> {
         let c = &self.r.config;
         let (base, shape) = (&self.data.base, self.data.shape);
-        let train_cfg = loader_config(self.r, c.data.train_aug);
+        let train_cfg = LoaderConfig::for_run(self.r, c.data.train_aug);
         let reload = |e: &LoadedEpisode, slice| reload_episode(base, shape, &train_cfg, e, slice);
         let first_step_on_root = self.summary.steps == 0 && self.comm.world().is_root();
         let grads = self.dumps.grads.as_ref().filter(|_| first_step_on_root);

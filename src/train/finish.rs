@@ -9,11 +9,11 @@ use super::dumps::rank_path;
 use super::metrics::Metric;
 use super::progress::Progress;
 use super::run_state::{Position, BEST_WEIGHTS};
-use super::setup::{loader_config, open_split};
+use super::setup::open_split;
 use super::signals::StopFlag;
 use super::{checkpoint, evaluate, Accuracy, EvalEpisodes, TrainSummary, Trainer, TEST_EPOCH};
 use crate::config::Resolved;
-use crate::data::EpisodeShape;
+use crate::data::{EpisodeShape, LoaderConfig};
 use crate::distributed::Communicator;
 use crate::files::{save_weights, write_json};
 use crate::memory::MemoryProfiler;
@@ -122,7 +122,7 @@ pub fn test_split(
     let set = EvalEpisodes {
         split,
         shape,
-        loader: loader_config(r, false),
+        loader: LoaderConfig::for_run(r, false),
         epoch_key: TEST_EPOCH,
         count: c.test.episodes,
     };

@@ -47,8 +47,8 @@ pub use eval::{evaluate, Accuracy, EvalEpisodes, TEST_EPOCH, VAL_EPOCH};
 pub use finish::test_split;
 pub use run_state::{RunState, BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, METRICS_FILE, STATE_FILE};
 pub use setup::{
-    build, build_on, dataset_root, dataset_root_on, episode_shape, loader_config, model_config,
-    open_split, preflight, Built,
+    build, build_on, dataset_root, dataset_root_on, episode_shape, model_config, open_split,
+    preflight, Built,
 };
 
 /// Where training stopped and what it reached.

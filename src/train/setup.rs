@@ -18,7 +18,7 @@ use super::progress::Progress;
 use super::run_state::{CONFIG_FILE, METRICS_FILE};
 use super::{metrics, optim, run_folder, Dumps, Start, TrainSummary, Trainer};
 use crate::config::{DatasetSource, Resolved, ShardMode, Split};
-use crate::data::{self, EpisodeShape, LoaderConfig, SplitIndex, TransformConfig};
+use crate::data::{self, EpisodeShape, SplitIndex};
 use crate::distributed::{Communicator, World};
 use crate::files;
 use crate::files::JsonLines;
@@ -108,19 +108,6 @@ pub fn dataset_root_on(r: &Resolved, comm: &dyn Communicator) -> Result<PathBuf>
     };
     comm.barrier()?;
     root
-}
-
-pub fn loader_config(r: &Resolved, augment: bool) -> LoaderConfig {
-    LoaderConfig {
-        workers: r.workers,
-        prefetch: r.config.data.prefetch,
-        transform: TransformConfig {
-            image_size: r.config.data.image_size as u32,
-            augment,
-        },
-        seed: r.config.run.seed,
-        slice: None,
-    }
 }
 
 /// Opens a split and checks up front that it can hold the episode (a clear error now beats one

@@ -6,9 +6,9 @@ use anyhow::Result;
 use super::metrics::Metric;
 use super::progress::Progress;
 use super::run_state::{RunState, BEST_WEIGHTS, LAST_WEIGHTS, STATE_FILE};
-use super::setup::loader_config;
 use super::signals::StopFlag;
 use super::{evaluate, Accuracy, EvalEpisodes, Trainer, VAL_EPOCH};
+use crate::data::LoaderConfig;
 use crate::files::{save_weights, write_json};
 
 impl Trainer<'_> {
@@ -19,7 +19,7 @@ impl Trainer<'_> {
         let set = EvalEpisodes {
             split: self.data.val.clone(),
             shape: self.data.shape,
-            loader: loader_config(self.r, false),
+            loader: LoaderConfig::for_run(self.r, false),
             epoch_key: VAL_EPOCH,
             count: c.train.val_episodes,
         };
