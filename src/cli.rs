@@ -246,6 +246,10 @@ pub struct RunArgs {
     /// Memory per phase of a step (after the first): table, memory.json and memory.png.
     #[arg(long = "memory-report")]
     pub memory_report: bool,
+    /// cuDNN benchmark mode on CUDA, 1 or 0 (default 1: fixed episode shapes; 0 for
+    /// bit-identical GPU runs).
+    #[arg(long = "cudnn-benchmark", value_parser = parse_flag01)]
+    pub cudnn_benchmark: Option<bool>,
     /// Optimizer step every K episodes (their gradients averaged).
     #[arg(long = "episodes-per-step", alias = "episodes_per_step")]
     pub episodes_per_step: Option<u64>,
@@ -330,6 +334,7 @@ impl RunArgs {
             c.train.amp = self.amp;
         }
         c.train.memory_report |= self.memory_report;
+        set(&mut c.train.cudnn_benchmark, &self.cudnn_benchmark);
         if self.official.is_some() {
             c.model.official = self.official.clone();
         }

@@ -7,6 +7,7 @@ pub mod data;
 pub mod distributed;
 pub mod ffi;
 pub mod files;
+pub mod host_read;
 pub mod logging;
 pub mod memory;
 pub mod model;

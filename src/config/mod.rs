@@ -191,6 +191,11 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept in RUN/checkpoints (the newest).
     pub keep_checkpoints: u64,
+    /// cuDNN benchmark mode on CUDA: the fastest convolution algorithms are searched for at the
+    /// first steps and kept, which pays off because every episode has the same shape. The
+    /// choice can differ between runs, so turn it off for bit-identical GPU runs. No effect on
+    /// the CPU.
+    pub cudnn_benchmark: bool,
 }
 
 impl Default for TrainConfig {
@@ -213,6 +218,7 @@ impl Default for TrainConfig {
             empty_cache_every: 1,
             shard: ShardMode::Images,
             checkpoint_every: 0,
+            cudnn_benchmark: true,
             keep_checkpoints: 3,
         }
     }

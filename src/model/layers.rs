@@ -228,7 +228,9 @@ impl BatchNorm2d {
             training,
             0.1,
             1e-5,
-            false,
+            // cuDNN's BatchNorm where it applies, as nn.BatchNorm2d does by default
+            // (torch.backends.cudnn.enabled); no effect on the CPU.
+            true,
         )
     }
 }

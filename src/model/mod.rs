@@ -365,6 +365,12 @@ pub fn labels(n_way: i64, n_query: i64) -> Tensor {
 /// Number of correct top-1 predictions of `logits` (queries in class-major order of
 /// `n_query` per class, starting at flat query index `first_query`).
 pub fn correct(logits: &Tensor, n_query: i64, first_query: i64) -> i64 {
+    crate::host_read::value(&correct_on_device(logits, n_query, first_query))
+        .map_or(0, |v| v as i64)
+}
+
+/// [`correct`] left on the device (a 0-dim int64 tensor), to be read with other values at once.
+pub fn correct_on_device(logits: &Tensor, n_query: i64, first_query: i64) -> Tensor {
     let nq = logits.size()[0];
     let target = Tensor::arange_start(
         first_query,
@@ -372,5 +378,5 @@ pub fn correct(logits: &Tensor, n_query: i64, first_query: i64) -> i64 {
         (Kind::Int64, logits.device()),
     )
     .floor_divide_scalar(n_query);
-    i64::try_from(logits.argmax(-1, false).eq_tensor(&target).sum(Kind::Int64)).unwrap_or(0)
+    logits.argmax(-1, false).eq_tensor(&target).sum(Kind::Int64)
 }

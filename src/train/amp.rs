@@ -175,7 +175,7 @@ impl GradScaler {
     /// device tensor (a sync on CUDA).
     pub fn scale_factor(&self) -> f64 {
         if self.enabled {
-            self.scale.double_value(&[0])
+            crate::host_read::value(&self.scale).unwrap_or(f64::NAN)
         } else {
             1.0
         }
@@ -192,7 +192,7 @@ impl GradScaler {
 
     /// The growth tracker: consecutive clean steps since the scale last changed.
     pub fn growth_tracker(&self) -> i64 {
-        self.growth_tracker.int64_value(&[0])
+        crate::host_read::value(&self.growth_tracker).map_or(0, |v| v as i64)
     }
 
     /// Divides the gradients of `vars` by the scale in place and records whether any is
@@ -245,7 +245,7 @@ impl GradScaler {
     /// [`set_found_inf`](Self::set_found_inf) the result before [`step`](Self::step), so every
     /// rank takes the same decision.
     pub fn found_inf(&self) -> bool {
-        self.enabled && self.found_inf.double_value(&[0]) != 0.0
+        self.enabled && crate::host_read::value(&self.found_inf).map_or(true, |v| v != 0.0)
     }
 
     /// Overrides the inf flag of this step (the all-reduced decision).

@@ -197,7 +197,7 @@ impl Optimizer {
             let Some(step) = saved.get(&format!("{name}.step")) else {
                 bail!("the checkpoint has no optimizer state for {name}");
             };
-            s.step = step.int64_value(&[]);
+            s.step = crate::host_read::value(step)? as i64;
             let load = |key: &str| -> Result<Option<Tensor>> {
                 match saved.get(&format!("{name}.{key}")) {
                     None => Ok(None),

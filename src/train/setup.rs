@@ -49,6 +49,9 @@ pub fn build_on(r: &Resolved, device: tch::Device) -> Result<Built> {
         tch::set_num_threads(c.run.threads as i32);
     }
     tch::manual_seed(c.run.seed as i64);
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(c.train.cudnn_benchmark);
+    }
     let mut vs = VarStore::new(device);
     let model = FewShotModel::new(&vs.root(), &model_config(r))?;
     let pretrained = match &c.model.pretrained {

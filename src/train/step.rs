@@ -14,7 +14,7 @@
 
 use std::ops::Range;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::distributed::Communicator;
 use crate::memory::{Phase, PhaseSink};
@@ -245,11 +245,17 @@ pub fn forward_backward(
         }
         Err(e) => return Err(sync(Err(e)).unwrap_err()),
     };
-    let outcome_local = [
-        out.loss.double_value(&[]),
-        model::correct(&out.logits, n_query, queries.start) as f64,
-        out.logits.size()[0] as f64,
-    ];
+    // The step's one read to the host: loss and hits together.
+    let hits = model::correct_on_device(&out.logits, n_query, queries.start);
+    let both = Tensor::stack(
+        &[
+            out.loss.detach().to_kind(Kind::Double),
+            hits.to_kind(Kind::Double),
+        ],
+        0,
+    );
+    let read = crate::host_read::values(&both)?;
+    let outcome_local = [read[0], read[1], out.logits.size()[0] as f64];
     if !fast {
         let grad = emb.grad();
         let grad = if grad.defined() {
