@@ -272,16 +272,7 @@ fn test_run(args: &cli::TestArgs) -> Result<ExitCode> {
             .transpose()?;
         let device = comm.world().device_for(resolved.device);
         built.vs.set_device(device);
-        train::test_split(
-            &resolved,
-            &built.model,
-            &root,
-            built.shape,
-            device,
-            comm,
-            None,
-        )
-        .map(|_| ())
+        train::test_split(&resolved, &built.model, &root, comm, None).map(|_| ())
     })?;
     Ok(ExitCode::SUCCESS)
 }

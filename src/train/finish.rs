@@ -9,11 +9,11 @@ use super::dumps::rank_path;
 use super::metrics::Metric;
 use super::progress::Progress;
 use super::run_state::{Position, BEST_WEIGHTS};
-use super::setup::open_split;
+use super::setup::{episode_shape, open_split};
 use super::signals::StopFlag;
 use super::{checkpoint, evaluate, Accuracy, EvalEpisodes, TrainSummary, Trainer, TEST_EPOCH};
 use crate::config::Resolved;
-use crate::data::{EpisodeShape, LoaderConfig};
+use crate::data::LoaderConfig;
 use crate::distributed::Communicator;
 use crate::files::{save_weights, write_json};
 use crate::memory::MemoryProfiler;
@@ -57,16 +57,7 @@ impl Trainer<'_> {
         self.comm.barrier()?;
         let best = c.run.output.join(BEST_WEIGHTS);
         model::load_checked(&mut self.vs, &best, model::WeightsSource::Run)?;
-        let (root, shape) = (&self.data.root, self.data.shape);
-        let test = test_split(
-            self.r,
-            &self.model,
-            root,
-            shape,
-            self.device,
-            self.comm,
-            Some(stop),
-        )?;
+        let test = test_split(self.r, &self.model, &self.data.root, self.comm, Some(stop))?;
         let Some(test) = test else {
             return Ok(None);
         };
@@ -111,12 +102,12 @@ pub fn test_split(
     r: &Resolved,
     model: &FewShotModel,
     root: &Path,
-    shape: EpisodeShape,
-    device: tch::Device,
     comm: &dyn Communicator,
     stop: Option<&StopFlag>,
 ) -> Result<Option<Accuracy>> {
     let c = &r.config;
+    let shape = episode_shape(r);
+    let device = comm.world().device_for(r.device);
     let split = open_split(root, c.test.split, shape)?;
     let prog = Progress::new_on(comm.world().is_root(), c.test.episodes, "test");
     let set = EvalEpisodes {
