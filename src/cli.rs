@@ -158,7 +158,7 @@ pub struct RunArgs {
     pub backbone: Option<Backbone>,
     /// Official flag: the ResNet layout. 1 = FETI (5×5 stem, no max-pool), 0 = torchvision
     /// (7×7 stem + max-pool; the official default for ResNet12/18/34).
-    #[arg(long = "FETI", alias = "feti", value_parser = parse_flag01)]
+    #[arg(long = "FETI", alias = "feti", value_parser = crate::config::parse_switch)]
     pub feti: Option<bool>,
     #[arg(long = "n-way", alias = "n_way")]
     pub n_way: Option<i64>,
@@ -167,7 +167,7 @@ pub struct RunArgs {
     #[arg(long = "n-query", alias = "n_query")]
     pub n_query: Option<i64>,
     /// Training augmentation: 1/true or 0/false.
-    #[arg(long = "train-aug", alias = "train_aug", value_parser = parse_flag01)]
+    #[arg(long = "train-aug", alias = "train_aug", value_parser = crate::config::parse_switch)]
     pub train_aug: Option<bool>,
     #[arg(long, alias = "num_epoch", alias = "num-epoch")]
     pub epochs: Option<u64>,
@@ -248,7 +248,7 @@ pub struct RunArgs {
     pub memory_report: bool,
     /// cuDNN benchmark mode on CUDA, 1 or 0 (default 1: fixed episode shapes; 0 for
     /// bit-identical GPU runs).
-    #[arg(long = "cudnn-benchmark", value_parser = parse_flag01)]
+    #[arg(long = "cudnn-benchmark", value_parser = crate::config::parse_switch)]
     pub cudnn_benchmark: Option<bool>,
     /// Optimizer step every K episodes (their gradients averaged).
     #[arg(long = "episodes-per-step", alias = "episodes_per_step")]
@@ -284,14 +284,6 @@ fn parse_three(s: &str) -> Result<[usize; 3], String> {
         .map_err(|e| format!("`{s}`: {e}"))?;
     <[usize; 3]>::try_from(parts)
         .map_err(|_| format!("`{s}` must be three counts like 16,8,8 (base,val,novel)"))
-}
-
-fn parse_flag01(s: &str) -> Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" => Ok(true),
-        "0" | "false" | "no" => Ok(false),
-        _ => Err(format!("`{s}` is not 0/1 or true/false")),
-    }
 }
 
 impl RunArgs {

@@ -33,7 +33,7 @@ pub struct MemoryArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     pub sweep_micro: Vec<u64>,
     /// Activation checkpointing settings to sweep: off, on.
-    #[arg(long, value_delimiter = ',', default_value = "off,on", value_parser = parse_on_off)]
+    #[arg(long, value_delimiter = ',', default_value = "off,on", value_parser = crate::config::parse_switch)]
     pub sweep_ckpt: Vec<bool>,
     /// Measured optimizer steps per setting (after one warm-up step).
     #[arg(long, default_value_t = 2)]
@@ -53,14 +53,6 @@ pub struct StepArgs {
     /// JSON file for the measurement (rank 0 writes it).
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-fn parse_on_off(s: &str) -> Result<bool, String> {
-    match s {
-        "on" | "1" | "true" => Ok(true),
-        "off" | "0" | "false" => Ok(false),
-        _ => Err(format!("`{s}`: use on or off")),
-    }
 }
 
 /// Writes `text` to `path` and `json` beside it (same stem, .json), atomically.

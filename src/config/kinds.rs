@@ -442,3 +442,29 @@ impl std::fmt::Display for CommKind {
         })
     }
 }
+
+/// The one spelling of a yes/no flag value on the command line: 1/0, true/false, yes/no, on/off
+/// (any case), so `--train_aug 1` (the official form) and `--sweep-ckpt off,on` read alike.
+pub fn parse_switch(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("`{s}` is not 1/0, true/false, yes/no or on/off")),
+    }
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::parse_switch;
+
+    #[test]
+    fn every_spelling_of_a_switch_reads_alike_and_others_are_refused() {
+        for on in ["1", "true", "Yes", "ON"] {
+            assert_eq!(parse_switch(on), Ok(true), "{on}");
+        }
+        for off in ["0", "FALSE", "no", "off"] {
+            assert_eq!(parse_switch(off), Ok(false), "{off}");
+        }
+        assert!(parse_switch("2").unwrap_err().contains("on/off"));
+    }
+}

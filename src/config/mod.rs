@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use kinds::{
-    Accumulation, AmpMode, Backbone, CommKind, DatasetName, Method, Optimizer, Pretrained,
-    ResNetLayout, ShardMode, Split,
+    parse_switch, Accumulation, AmpMode, Backbone, CommKind, DatasetName, Method, Optimizer,
+    Pretrained, ResNetLayout, ShardMode, Split,
 };
 pub use resolve::{parse_device, DatasetSource, Resolved};
 pub use start::Start;
