@@ -16,14 +16,17 @@
 # Steps: library path (torch/lib, nvidia/*/lib, .gpu-libs) and `ldd` check; a tiny synthetic
 # dataset; the memory sweep of the documented case (TvResNet34, 224 px, 5-way 5-shot 16-query,
 # VIC 0.5/0.1; amp off/fp16/bf16 × micro-steps 1/4) with episodes/s per row; two 1-epoch Conv4
-# runs over NCCL in a world of one (fixed, then dynamic micro-steps + --memory-report).
+# runs over NCCL in a world of one (fixed, then dynamic micro-steps + --memory-report); the
+# documented case in fp16 through `bench step` beside PyTorch eager + autocast + GradScaler (the
+# seed fork's way, bench/train_step_pytorch.py) on the same GPU, episodes/s of each.
 # Writes bench/results/gpu_check_<date>.log, gpu_memory_<date>.md/.json, gpu_check_<date>_memory.json.
-# Knobs: FSCT, BUDGET (s, whole script; 280), SWEEP_S (150), TRAIN_S (40), WORK (scratch dir).
+# Knobs: FSCT, BUDGET (s, whole script; 360), SWEEP_S (150), TRAIN_S (40), VS_S (70), WORK.
 set -uo pipefail   # no -e: a failed or timed-out step is reported and the next one still runs
 
 cd "$(dirname "$0")/.." || exit 2
 start=$(date +%s)
-budget=${BUDGET:-280}
+budget=${BUDGET:-360}
+vs_s=${VS_S:-70}
 sweep_s=${SWEEP_S:-150}
 train_s=${TRAIN_S:-40}
 day=$(date -u +%Y%m%d)
@@ -122,6 +125,20 @@ main() {
       break
     fi
   done
+
+  # 5. The documented case in fp16: fsct-dist's step beside PyTorch eager + autocast/GradScaler.
+  step "bench step fp16" "$vs_s" "$FSCT" bench step --dataset "$WORK/ds" --device cuda \
+    --backbone TvResNet34 --pretrained none --image-size 224 --n-way 5 --k-shot 5 --n-query 16 \
+    --amp fp16 --workers 4 --warmup 2 --steps 5 --json "$WORK/ours.json"
+  step "pytorch step fp16" "$vs_s" sh -c "python3 bench/train_step_pytorch.py TvResNet34 224 5 5 16 5 4 cuda fp16 > '$WORK/pytorch.json'"
+  python3 - "$WORK/ours.json" "$WORK/pytorch.json" <<'PY' || fails=$((fails + 1))
+import json, statistics, sys
+ours = json.load(open(sys.argv[1]))
+t_ours = statistics.median(sum(p["seconds"] for p in s["phases"]) for s in ours["steps"])
+t_py = statistics.median(json.load(open(sys.argv[2]))["step_s"])
+print(f"documented case, fp16, one GPU: fsct-dist {1 / t_ours:.2f} episodes/s, PyTorch eager + "
+      f"autocast/GradScaler {1 / t_py:.2f} episodes/s, ratio {t_py / t_ours:.2f}")
+PY
 
   echo "# done in $(( $(date +%s) - start )) s; failed or timed-out steps: $fails"
   [ "$fails" = 0 ]

@@ -5,7 +5,10 @@ Model: FSCT_cosine (one pre-LN block, shared LN+Linear for Q/K/V, cosine attenti
 CosineDistLinear head over the way axis) on Conv4 or the FETI-style ResNet34; AdamW lr 1e-3
 wd 1e-5; random normalised input. Prints one JSON object: per-step seconds.
 
-usage: python train_step_pytorch.py BACKBONE IMAGE_SIZE N_WAY K_SHOT N_QUERY STEPS THREADS
+usage: python train_step_pytorch.py BACKBONE IMAGE_SIZE N_WAY K_SHOT N_QUERY STEPS THREADS [DEVICE [AMP]]
+BACKBONE: Conv4, ResNet34 (FETI layout) or TvResNet34 (torchvision layout, the official FETI=0).
+DEVICE: cpu (default) or cuda; AMP: off (default) or fp16 (autocast + GradScaler, as the seed's
+fork trains) or bf16 (autocast). On CUDA each step ends with a synchronize before it is timed.
 """
 
 import json
@@ -46,6 +49,19 @@ def feti_resnet(layers):
             mods.append(BasicBlock(cin, cout, stride if i == 0 else 1))
             cin = cout
     mods += [nn.AdaptiveAvgPool2d(7), nn.Flatten()]
+    return nn.Sequential(*mods)
+
+
+def tv_resnet(layers):
+    """torchvision's ResNet layout (7x7 stem + max-pool), feature map flattened as the official
+    FETI=0 backbone gives it (512 x 7 x 7 at 224 px)."""
+    mods = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, n, stride in zip((64, 128, 256, 512), layers, (1, 2, 2, 2)):
+        for i in range(n):
+            mods.append(BasicBlock(cin, cout, stride if i == 0 else 1))
+            cin = cout
+    mods += [nn.Flatten()]
     return nn.Sequential(*mods)
 
 
@@ -95,6 +111,8 @@ class FSCT(nn.Module):
 
 def main():
     backbone, size, n_way, k_shot, n_query, steps, threads = sys.argv[1:8]
+    device = sys.argv[8] if len(sys.argv) > 8 else "cpu"
+    amp = sys.argv[9] if len(sys.argv) > 9 else "off"
     size, n_way, k_shot, n_query, steps, threads = map(int, (size, n_way, k_shot, n_query, steps, threads))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -103,23 +121,32 @@ def main():
         d = 64 * (size // 16) ** 2
     elif backbone == "ResNet34":
         feat, d = feti_resnet((3, 4, 6, 3)), 512 * 7 * 7
+    elif backbone == "TvResNet34":
+        feat, d = tv_resnet((3, 4, 6, 3)), 512 * ((size + 31) // 32) ** 2
     else:
         raise SystemExit(f"unknown backbone {backbone}")
-    model = FSCT(feat, d, n_way, k_shot)
+    model = FSCT(feat, d, n_way, k_shot).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5)
-    x = torch.randn(n_way, k_shot + n_query, 3, size, size)
-    y = torch.arange(n_way).repeat_interleave(n_query)
+    x = torch.randn(n_way, k_shot + n_query, 3, size, size, device=device)
+    y = torch.arange(n_way, device=device).repeat_interleave(n_query)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+    scaler = torch.amp.GradScaler(device, enabled=amp == "fp16")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     for _ in range(steps + 1):  # one warm-up step
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         loss.item()
+        sync()
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "step_s": times[1:]}))
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+                      "amp": amp, "step_s": times[1:]}))
 
 
 if __name__ == "__main__":
