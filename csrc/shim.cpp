@@ -25,8 +25,6 @@ TORCH_API void set_autocast_dtype(at::DeviceType device_type, at::ScalarType dty
 TORCH_API void clear_cache();
 TORCH_API int increment_nesting();
 TORCH_API int decrement_nesting();
-TORCH_API bool is_autocast_cache_enabled();
-TORCH_API void set_autocast_cache_enabled(bool enabled);
 }  // namespace at::autocast
 #endif
 
@@ -164,20 +162,6 @@ int fsct_autocast_decrement_nesting(int* depth) {
 int fsct_autocast_clear_cache() {
   return guarded([&] {
     at::autocast::clear_cache();
-    return OK;
-  });
-}
-
-int fsct_autocast_is_cache_enabled(int* enabled) {
-  return guarded([&] {
-    *enabled = at::autocast::is_autocast_cache_enabled() ? 1 : 0;
-    return OK;
-  });
-}
-
-int fsct_autocast_set_cache_enabled(int enabled) {
-  return guarded([&] {
-    at::autocast::set_autocast_cache_enabled(enabled != 0);
     return OK;
   });
 }

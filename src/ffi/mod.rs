@@ -38,8 +38,6 @@ mod sys {
         pub fn fsct_autocast_increment_nesting(depth: *mut c_int) -> c_int;
         pub fn fsct_autocast_decrement_nesting(depth: *mut c_int) -> c_int;
         pub fn fsct_autocast_clear_cache() -> c_int;
-        pub fn fsct_autocast_is_cache_enabled(enabled: *mut c_int) -> c_int;
-        pub fn fsct_autocast_set_cache_enabled(enabled: c_int) -> c_int;
     }
 }
 
@@ -154,21 +152,6 @@ pub fn autocast_decrement_nesting() -> Result<i32, ShimError> {
 pub fn autocast_clear_cache() -> Result<(), ShimError> {
     // SAFETY: no arguments.
     check(unsafe { sys::fsct_autocast_clear_cache() })
-}
-
-/// Whether autocast caches casts of leaf tensors (libtorch default: yes).
-pub fn autocast_is_cache_enabled() -> Result<bool, ShimError> {
-    let mut out: c_int = 0;
-    // SAFETY: `out` is a valid pointer for the duration of the call.
-    check(unsafe { sys::fsct_autocast_is_cache_enabled(&mut out) })?;
-    Ok(out != 0)
-}
-
-/// Turns the autocast cast cache on or off (off under activation checkpointing's recompute if
-/// casts must not outlive a segment).
-pub fn autocast_set_cache_enabled(enabled: bool) -> Result<(), ShimError> {
-    // SAFETY: plain value.
-    check(unsafe { sys::fsct_autocast_set_cache_enabled(c_int::from(enabled)) })
 }
 
 /// An autocast region, like `with torch.autocast(device_type, dtype, enabled)`: entering sets
