@@ -19,7 +19,7 @@ measure() {
   local bin=$1 w=$2 json=$work/m.json
   # shellcheck disable=SC2086
   FSCT=$bin launch/mpirun.sh -n "$w" bench step $flags --warmup 1 --steps "$steps" --json "$json" > /dev/null 2>&1
-  python3 -c 'import json,statistics,sys; m=json.load(open(sys.argv[1])); print(f'{statistics.median(sum(p["seconds"] for p in s["phases"]) for s in m["steps"]):.3f}')' "$json"
+  python3 -c 'import json,statistics,sys; m=json.load(open(sys.argv[1])); print("%.3f" % statistics.median(sum(p["seconds"] for p in s["phases"]) for s in m["steps"]))' "$json"
 }
 declare -A t
 for w in 1 2; do
