@@ -211,6 +211,10 @@ pub struct RunArgs {
     /// How ranks share a step: images (slices of one episode) or episodes (one each).
     #[arg(long, value_enum)]
     pub shard: Option<crate::config::ShardMode>,
+    /// on: shard the optimizer state over the ranks (ZeRO stage 1; each rank holds ~1/W of
+    /// the moments, same steps); off (default): every rank holds all of it.
+    #[arg(long = "shard-optimizer", alias = "shard_optimizer", value_parser = crate::config::parse_switch)]
+    pub shard_optimizer: Option<bool>,
     /// Collective backend between ranks: auto (NCCL on CUDA, else MPI), nccl or mpi.
     #[arg(long, value_enum)]
     pub comm: Option<crate::config::CommKind>,
@@ -349,6 +353,7 @@ impl RunArgs {
         set(&mut c.train.episodes_per_step, &self.episodes_per_step);
         set(&mut c.train.empty_cache_every, &self.empty_cache_every);
         set(&mut c.train.shard, &self.shard);
+        set(&mut c.train.shard_optimizer, &self.shard_optimizer);
         set(&mut c.train.checkpoint_every, &self.checkpoint_every);
         set(&mut c.train.keep_checkpoints, &self.keep_checkpoints);
         set(&mut c.run.comm, &self.comm);

@@ -564,3 +564,158 @@ fn more_batchnorm_groups_than_images_is_refused_by_dry_run_under_a_launcher() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Worst per-tensor relative difference of parameters (or optimizer state) `a` against `b`:
+/// ‖a − b‖ / max(‖b‖, 1e-3·‖all of b‖), the module doc's rule. The floor matters for biases
+/// that start at zero: a few SGD steps leave them ~1e-4 in size, where the ~1e-10 rounding of
+/// another order of the ranks' sum (a reduce and an all-reduce add in different orders) is
+/// 1e-6 of the tensor.
+fn worst_relative(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f64, String) {
+    assert_eq!(a.len(), b.len(), "same tensors");
+    let total = b.values().map(|t| norm(t).powi(2)).sum::<f64>().sqrt();
+    let mut worst = (0.0, String::new());
+    for (name, rb) in b {
+        let e = norm(&(&a[name] - rb)) / norm(rb).max(1e-3 * total);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    worst
+}
+
+/// Every rank's `--dump-params` file beside rank 0's equals rank 0's, bit for bit.
+fn ranks_agree(params: &Path, w: usize) {
+    let stem = params.file_stem().unwrap().to_string_lossy().into_owned();
+    for rank in 1..w {
+        let other = params.with_file_name(format!("{stem}.rank{rank}.safetensors"));
+        assert_bit_identical(&other, params);
+    }
+}
+
+/// Why SGD above 2 ranks: a reduce and an all-reduce add the ranks' gradients in other
+/// orders, so they differ by rounding; AdamW divides by √v, which turns the rounding of tiny
+/// gradient elements into relative differences above 1e-6 (seen: 1.3e-5 in a BatchNorm bias at
+/// W=3), while SGD's update is linear in the gradient. Two ranks add in one order: AdamW there
+/// (and in the checkpoint test), where sharded equals unsharded to the last bit in practice.
+#[test]
+fn a_sharded_optimizer_takes_the_same_steps_as_an_unsharded_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    // 3 ranks own the tensors unevenly.
+    for (w, optimizer) in [(2, "AdamW"), (3, "SGD"), (4, "SGD")] {
+        let dump = |name: &str| dir.path().join(format!("{name}{w}.safetensors"));
+        for (name, on) in [("plain", "off"), ("sharded", "on")] {
+            let params = dump(name);
+            mpirun(
+                w,
+                &train_args(
+                    &ds,
+                    &dir.path().join(format!("{name}{w}")),
+                    &[
+                        "--max-steps",
+                        "3",
+                        "--optimizer",
+                        optimizer,
+                        "--shard-optimizer",
+                        on,
+                        "--dump-params",
+                        params.to_str().unwrap(),
+                    ],
+                ),
+            );
+            ranks_agree(&params, w);
+        }
+        let (sharded, plain) = (read(&dump("sharded")), read(&dump("plain")));
+        let (err, name) = worst_relative(&sharded, &plain);
+        assert!(
+            err <= 1e-6,
+            "W={w} {optimizer}: {name} differs by {err:.2e}"
+        );
+    }
+}
+
+/// The optimizer state of a checkpoint, by name.
+fn optimizer_state(run: &Path, step: u32) -> HashMap<String, Tensor> {
+    read(&run.join(format!("checkpoints/step-{step:08}/optimizer.safetensors")))
+}
+
+/// Resumes `run` with `w` ranks (1: one process) up to 4 steps, the optimizer sharded or not;
+/// returns the final parameters.
+fn resume_to_4(run: &Path, w: usize, shard: &str, dump: &Path) -> HashMap<String, Tensor> {
+    let args: Vec<String> = [
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "4",
+        "--shard-optimizer",
+        shard,
+        "--dump-params",
+        dump.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if w == 1 {
+        run_single(&args);
+    } else {
+        mpirun(w, &args);
+        ranks_agree(dump, w);
+    }
+    read(dump)
+}
+
+#[test]
+fn sharded_checkpoints_are_whole_and_resume_at_any_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    let two = ["--max-steps", "2"];
+    // W=2 sharded and unsharded, stopped after step 2: the same checkpoint (gathered on save).
+    let (sharded, plain) = (dir.path().join("sharded"), dir.path().join("plain"));
+    mpirun(
+        2,
+        &train_args(
+            &ds,
+            &sharded,
+            &[&two[..], &["--shard-optimizer", "on"]].concat(),
+        ),
+    );
+    mpirun(2, &train_args(&ds, &plain, &two));
+    let (s, p) = (optimizer_state(&sharded, 2), optimizer_state(&plain, 2));
+    assert!(
+        p.keys().any(|k| k.ends_with(".exp_avg_sq")),
+        "AdamW moments"
+    );
+    let (err, name) = worst_relative(&s, &p);
+    assert!(err <= 1e-6, "optimizer state {name} differs by {err:.2e}");
+    // Resumed in one process: as the unsharded checkpoint resumed there.
+    let a = resume_to_4(&sharded, 1, "off", &dir.path().join("a.safetensors"));
+    let b = resume_to_4(&plain, 1, "off", &dir.path().join("b.safetensors"));
+    let (err, name) = worst_relative(&a, &b);
+    assert!(
+        err <= 1e-6,
+        "W=2 sharded → W=1: {name} differs by {err:.2e}"
+    );
+
+    // One process, stopped after step 2, resumed on 3 ranks sharded: as resumed unsharded
+    // (SGD: see a_sharded_optimizer_takes_the_same_steps_as_an_unsharded_one).
+    let single = dir.path().join("single");
+    run_single(&train_args(
+        &ds,
+        &single,
+        &[&two[..], &["--optimizer", "SGD"]].concat(),
+    ));
+    let copy = dir.path().join("single-copy");
+    let status = Command::new("cp")
+        .args(["-r", single.to_str().unwrap(), copy.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let c = resume_to_4(&single, 3, "on", &dir.path().join("c.safetensors"));
+    let d = resume_to_4(&copy, 3, "off", &dir.path().join("d.safetensors"));
+    let (err, name) = worst_relative(&c, &d);
+    assert!(
+        err <= 1e-6,
+        "W=1 → W=3 sharded: {name} differs by {err:.2e}"
+    );
+}

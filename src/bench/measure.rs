@@ -93,6 +93,10 @@ pub fn measure_steps(
     let Built { vs, model, shape } = build_on(r, device)?;
     let base = open_split(&root, Split::Base, shape)?;
     let mut opt = crate::train::optim::build(&c.train, &vs)?;
+    if c.train.shard_optimizer && world.size > 1 {
+        let own = crate::train::zero::Ownership::of(&opt, world.rank, world.size);
+        opt.shard(own);
+    }
     let mut plan = StepPlan {
         dynamic: false,
         ..StepPlan::for_run(r, comm, device, shape.total() as i64)
@@ -137,6 +141,7 @@ pub fn measure_steps(
         let hooks = StepHooks {
             reload: &reload,
             before_optimizer: &mut |_| Ok(()),
+            full_grads: false,
             phases: &mut profiler,
         };
         optimizer_step(&mut plan, trainee, episodes, hooks)?;

@@ -186,6 +186,10 @@ pub struct TrainConfig {
     pub empty_cache_every: u64,
     /// How ranks share a step: `images` (slices of one episode) or `episodes` (one each).
     pub shard: ShardMode,
+    /// ZeRO stage 1 with more than one rank: each trainable tensor's optimizer state lives on
+    /// one owner rank (gradients reduced to it, parameters broadcast from it), so each rank
+    /// holds about 1/W of it. The same steps as off; checkpoints stay unsharded.
+    pub shard_optimizer: bool,
     /// Write a resumable checkpoint every N optimizer steps (0 = at epoch ends only; one is
     /// always written at each epoch end, at the end of the run and on SIGTERM/SIGINT).
     pub checkpoint_every: u64,
@@ -217,6 +221,7 @@ impl Default for TrainConfig {
             log_every: 20,
             empty_cache_every: 1,
             shard: ShardMode::Images,
+            shard_optimizer: false,
             checkpoint_every: 0,
             cudnn_benchmark: true,
             keep_checkpoints: 3,

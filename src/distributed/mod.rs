@@ -92,6 +92,10 @@ pub trait Communicator {
     /// Sums each tensor over ranks, in place. Tensors of one kind are flattened into buckets
     /// of about [`BUCKET_BYTES`], so many small gradients cost few messages.
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()>;
+    /// Sums each tensor over ranks into `root`'s tensors, in place, bucketed as
+    /// [`Communicator::all_reduce_sum`]. The other ranks' tensors are left as they were (they
+    /// only send): half an all-reduce, for a sharded optimizer whose `root` alone steps them.
+    fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()>;
     /// Concatenates along dim 0 the `local` tensors of all ranks (rank order); `rows[r]` is the
     /// number of rows rank r contributes (sizes may differ by rank).
     fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor>;
@@ -131,6 +135,9 @@ impl Communicator for Local {
         "local"
     }
     fn all_reduce_sum(&self, _: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
+    fn reduce_sum(&self, _: &[Tensor], _: usize) -> Result<()> {
         Ok(())
     }
     fn all_gather_rows(&self, local: &Tensor, _: &[i64]) -> Result<Tensor> {
@@ -332,6 +339,8 @@ mod tests {
         assert_eq!(c.world(), World::SINGLE);
         let t = Tensor::from_slice(&[1f32, 2.0]);
         c.all_reduce_sum(&[t.shallow_clone()]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.0, 2.0]);
+        c.reduce_sum(&[t.shallow_clone()], 0).unwrap();
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.0, 2.0]);
         let mut v = [3.0];
         c.all_reduce_f64(&mut v).unwrap();

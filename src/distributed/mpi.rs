@@ -148,6 +148,29 @@ impl Communicator for MpiComm {
         })
     }
 
+    fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        let root_proc = self.world_comm.process_at_rank(root as i32);
+        let op = SystemOperation::sum();
+        per_bucket(tensors, |flat| {
+            let send = Host::from(flat)?;
+            if self.world.rank != root {
+                match &send {
+                    Host::F32(s) => root_proc.reduce_into(&s[..], op),
+                    Host::F64(s) => root_proc.reduce_into(&s[..], op),
+                }
+                self.sent.add(&[flat]);
+                return Ok(flat.shallow_clone());
+            }
+            let mut recv = send.zeros_like(flat.numel());
+            match (&send, &mut recv) {
+                (Host::F32(s), Host::F32(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
+                (Host::F64(s), Host::F64(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
+                _ => unreachable!("zeros_like keeps the precision"),
+            }
+            Ok(recv.tensor(flat.kind(), flat.device()))
+        })
+    }
+
     fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
         let size = local.size();
         let row: i64 = size[1..].iter().product();

@@ -39,6 +39,18 @@ type SendRecvFn = unsafe extern "C" fn(
     Stream,
 ) -> NcclResult;
 
+/// `ncclReduce(send, recv, count, type, op, root, comm, stream)`.
+type ReduceFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    c_int,
+    NcclComm_,
+    Stream,
+) -> NcclResult;
+
 /// `ncclAllGather(send, recv, sendcount, type, comm, stream)`.
 type AllGatherFn =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, NcclComm_, Stream) -> NcclResult;
@@ -211,6 +223,30 @@ impl NcclComm {
         check(&self.lib, rc, call)
     }
 
+    /// `ncclReduce` of `t` in place (sum into `root`'s buffer; the others' buffers are only
+    /// read, NCCL writes the receive buffer on the root alone).
+    fn reduce_in_place(&self, t: &Tensor, root: usize) -> Result<(), DistError> {
+        self.on_device(t)?;
+        // SAFETY: the C signature of ncclReduce in every NCCL 2.x.
+        let f: Symbol<ReduceFn> = unsafe { symbol(&self.lib, "ncclReduce")? };
+        let p = t.data_ptr();
+        let kind = nccl_type(t.kind())?;
+        // SAFETY: `t` is contiguous on this communicator's device and holds numel elements.
+        let rc = unsafe {
+            f(
+                p,
+                p,
+                t.numel(),
+                kind,
+                NCCL_SUM,
+                root as c_int,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        check(&self.lib, rc, "ncclReduce")
+    }
+
     fn host(&self) -> Option<&MpiComm> {
         self.mpi.as_ref()
     }
@@ -246,6 +282,16 @@ impl Communicator for NcclComm {
         per_bucket(tensors, |flat| {
             self.in_place("ncclAllReduce", flat, NCCL_SUM)?;
             self.sent.add(&[flat]);
+            Ok(flat.shallow_clone())
+        })
+    }
+
+    fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        per_bucket(tensors, |flat| {
+            self.reduce_in_place(flat, root)?;
+            if self.world.rank != root {
+                self.sent.add(&[flat]);
+            }
             Ok(flat.shallow_clone())
         })
     }

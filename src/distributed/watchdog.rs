@@ -32,13 +32,14 @@ use super::peers::{local_peers, Peer};
 use super::{AbortHandle, Communicator, World};
 
 /// The collectives, by the name the message gives.
-const NAMES: [&str; 6] = [
+const NAMES: [&str; 7] = [
     "all_reduce_sum",
     "all_gather_rows",
     "broadcast",
     "all_reduce_f64",
     "all_gather_f64",
     "barrier",
+    "reduce_sum",
 ];
 
 /// What the watched rank is doing, shared with the watchdog thread.
@@ -214,6 +215,9 @@ impl Communicator for Watched {
     }
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
         self.timed(0, |c| c.all_reduce_sum(tensors))
+    }
+    fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        self.timed(6, |c| c.reduce_sum(tensors, root))
     }
     fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
         self.timed(1, |c| c.all_gather_rows(local, rows))

@@ -198,6 +198,8 @@ impl Trainer<'_> {
         let hooks = StepHooks {
             reload: &reload,
             before_optimizer: &mut dump,
+            // The same on every rank: whether rank 0 dumps this step's gradients.
+            full_grads: self.dumps.grads.is_some() && self.summary.steps == 0,
             phases,
         };
         let report =

@@ -21,6 +21,7 @@ mod setup;
 pub mod signals;
 pub mod step;
 mod validation;
+pub mod zero;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

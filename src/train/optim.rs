@@ -5,6 +5,9 @@
 //! L2 weight decay to the gradient, SGD keeps a momentum buffer started from the first
 //! gradient. Every parameter counts its own steps, and a parameter without a gradient is left
 //! alone, as in PyTorch. BatchNorm running statistics are not trainable, so never stepped.
+//!
+//! Under `--shard-optimizer on` ([`super::zero`]) an optimizer steps, and holds state for, the
+//! variables its rank owns only.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +15,7 @@ use anyhow::{bail, Result};
 use tch::nn::VarStore;
 use tch::Tensor;
 
+use super::zero::Ownership;
 use crate::config::{Optimizer as Kind_, TrainConfig};
 
 const BETA1: f64 = 0.9;
@@ -20,11 +24,11 @@ const EPS: f64 = 1e-8;
 
 /// Per-parameter state.
 #[derive(Debug)]
-struct State {
-    step: i64,
+pub(crate) struct State {
+    pub(crate) step: i64,
     /// Adam/AdamW first and second moments; SGD momentum buffer in `exp_avg`.
-    exp_avg: Option<Tensor>,
-    exp_avg_sq: Option<Tensor>,
+    pub(crate) exp_avg: Option<Tensor>,
+    pub(crate) exp_avg_sq: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -36,6 +40,8 @@ pub struct Optimizer {
     /// Trainable variables by name (name order: the checkpoint order).
     vars: Vec<(String, Tensor)>,
     state: Vec<State>,
+    /// Which variables this rank steps (None: all of them, unsharded).
+    shards: Option<Ownership>,
 }
 
 pub fn build(c: &TrainConfig, vs: &VarStore) -> Result<Optimizer> {
@@ -61,6 +67,7 @@ pub fn build(c: &TrainConfig, vs: &VarStore) -> Result<Optimizer> {
         momentum: c.momentum,
         vars,
         state,
+        shards: None,
     })
 }
 
@@ -109,6 +116,48 @@ impl Optimizer {
         self.vars.iter().map(|(_, t)| t.shallow_clone()).collect()
     }
 
+    /// Element counts of the variables, in name order (what [`super::zero`] balances).
+    pub fn numels(&self) -> Vec<i64> {
+        self.vars.iter().map(|(_, t)| t.numel() as i64).collect()
+    }
+
+    pub(crate) fn var(&self, i: usize) -> &Tensor {
+        &self.vars[i].1
+    }
+
+    pub(crate) fn var_name(&self, i: usize) -> &str {
+        &self.vars[i].0
+    }
+
+    pub(crate) fn var_state(&self, i: usize) -> &State {
+        &self.state[i]
+    }
+
+    /// The ownership this optimizer steps under (None: unsharded).
+    pub fn shards(&self) -> Option<&Ownership> {
+        self.shards.as_ref()
+    }
+
+    /// From now on steps only the variables `own` gives this rank, and drops the state of the
+    /// others (a loaded checkpoint holds all of it).
+    pub fn shard(&mut self, own: Ownership) {
+        assert_eq!(own.owner.len(), self.vars.len(), "one owner per variable");
+        for (i, s) in self.state.iter_mut().enumerate() {
+            if !own.owns(i) {
+                *s = State {
+                    step: 0,
+                    exp_avg: None,
+                    exp_avg_sq: None,
+                };
+            }
+        }
+        self.shards = Some(own);
+    }
+
+    fn owns(&self, i: usize) -> bool {
+        self.shards.as_ref().is_none_or(|o| o.owns(i))
+    }
+
     /// Sets every existing gradient to zero.
     pub fn zero_grad(&mut self) {
         for (_, v) in &self.vars {
@@ -119,12 +168,13 @@ impl Optimizer {
         }
     }
 
-    /// One update of every variable that has a gradient.
+    /// One update of every (owned) variable that has a gradient.
     pub fn step(&mut self) {
+        let owned: Vec<bool> = (0..self.vars.len()).map(|i| self.owns(i)).collect();
         tch::no_grad(|| {
-            for ((_, p), s) in self.vars.iter().zip(self.state.iter_mut()) {
+            for (((_, p), s), owned) in self.vars.iter().zip(self.state.iter_mut()).zip(owned) {
                 let grad = p.grad();
-                if !grad.defined() {
+                if !owned || !grad.defined() {
                     continue;
                 }
                 let mut p = p.shallow_clone();
@@ -176,8 +226,10 @@ impl Optimizer {
     }
 
     /// The state as named tensors (for a checkpoint): `NAME.exp_avg`, `NAME.exp_avg_sq`,
-    /// `NAME.step` (an Int64 scalar).
+    /// `NAME.step` (an Int64 scalar). Unsharded only: a sharded optimizer's whole state is
+    /// [`super::zero::gather_state`].
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        debug_assert!(self.shards.is_none(), "gather a sharded state first");
         let mut out = Vec::new();
         for ((name, _), s) in self.vars.iter().zip(&self.state) {
             out.push((format!("{name}.step"), Tensor::from(s.step)));

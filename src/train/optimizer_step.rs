@@ -1,7 +1,8 @@
 //! One optimizer step of a world of ranks: the episodes of the step (each rank's share, per
 //! `--shard`), micro-steps with an out-of-memory retry under `dynamic`, BatchNorm statistics
-//! combined across ranks, gradients all-reduced once, then the AMP-aware optimizer step and
-//! cache clearing.
+//! combined across ranks, gradients all-reduced once (or, with a sharded optimizer, reduced to
+//! their owners, stepped there and the parameters broadcast back: [`super::zero`]), then the
+//! AMP-aware optimizer step and cache clearing.
 
 use anyhow::{bail, Result};
 use tch::{nn, Device, Tensor};
@@ -12,6 +13,7 @@ use tracing::{info, warn};
 use super::amp::{AmpMode, Autocast, GradScaler};
 use super::bn_sync;
 use super::step::{self, rank_groups, StepError, StepOptions, StepOutcome};
+use super::zero;
 use crate::config::ShardMode;
 use crate::data::{self, LoadedEpisode, LoaderConfig, SplitIndex};
 use crate::distributed::{Communicator, Local};
@@ -119,6 +121,10 @@ pub struct Trainee<'a> {
 pub struct StepHooks<'a> {
     pub reload: &'a Reload<'a>,
     pub before_optimizer: &'a mut dyn FnMut(&nn::VarStore) -> Result<()>,
+    /// `before_optimizer` reads every reduced gradient (`--dump-grads`): a sharded optimizer
+    /// all-reduces this step instead of reducing each gradient to its owner alone (the
+    /// simplest way to have them all on rank 0; the update is the same).
+    pub full_grads: bool,
     pub phases: &'a mut dyn PhaseSink,
 }
 
@@ -141,6 +147,7 @@ pub fn optimizer_step(
     let StepHooks {
         reload,
         before_optimizer,
+        full_grads,
         phases,
     } = hooks;
     let world = plan.comm.world();
@@ -228,10 +235,24 @@ pub fn optimizer_step(
         }
     }
     let vars = opt.trainable_variables();
+    let shards = opt.shards().filter(|_| world.size > 1).cloned();
+    // What this rank checks for inf/NaN and steps: its own variables under a sharded
+    // optimizer (the others' gradients here are partial sums), otherwise all.
+    let checked: Vec<Tensor> = match &shards {
+        Some(own) if !full_grads => own
+            .of_rank(own.rank)
+            .into_iter()
+            .map(|i| vars[i].shallow_clone())
+            .collect(),
+        _ => vars.iter().map(Tensor::shallow_clone).collect(),
+    };
     if world.size > 1 {
         phases.enter(Phase::Communication);
         let grads = defined_grads(&vars);
-        plan.comm.all_reduce_sum(&grads)?;
+        match &shards {
+            Some(own) if !full_grads => zero::reduce_to_owners(plan.comm, own, &grads)?,
+            _ => plan.comm.all_reduce_sum(&grads)?,
+        }
         if plan.shard == ShardMode::Episodes {
             for g in &grads {
                 let mut g = g.shallow_clone();
@@ -240,15 +261,21 @@ pub fn optimizer_step(
         }
     }
     phases.enter(Phase::Optimizer);
-    scaler.unscale_(&vars)?;
+    scaler.unscale_(&checked)?;
     if world.size > 1 && scaler.is_enabled() {
-        // Gradients are identical after the all-reduce, so this agrees already; make it explicit.
+        // Unsharded, gradients are identical after the all-reduce, so this agrees already;
+        // sharded, each owner checked its own: every rank must take the same decision.
         let any = crate::distributed::sum_f64(plan.comm, f64::from(u8::from(scaler.found_inf())))?;
         scaler.set_found_inf(any > 0.0);
     }
     before_optimizer(vs)?;
     let stepped = scaler.step(opt)?;
     scaler.update()?;
+    if let (Some(own), true) = (&shards, stepped) {
+        // A skipped step changed nothing anywhere: nothing to send.
+        phases.enter(Phase::Communication);
+        zero::broadcast_from_owners(plan.comm, own, &vars)?;
+    }
     Ok(StepReport { outcomes, stepped })
 }
 

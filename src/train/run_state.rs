@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::checkpoint::{self, CheckpointState, ModelSignature};
-use super::{Accuracy, Trainer};
+use super::{zero, Accuracy, Trainer};
 
 /// File names inside the run folder.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -49,11 +49,20 @@ impl Trainer<'_> {
     }
 
     /// Writes a checkpoint at `at` (rank 0; `None` on the others), keeping the newest
-    /// `keep_checkpoints`.
+    /// `keep_checkpoints`. Every rank calls it: a sharded optimizer's state is gathered on
+    /// rank 0 first (held there only until written).
     pub(super) fn checkpoint(&self, at: Position) -> Result<Option<PathBuf>> {
-        if !self.comm.world().is_root() {
+        let optimizer = match self.opt.shards() {
+            Some(own) => zero::gather_state(self.comm, own, &self.opt)?,
+            None => self
+                .comm
+                .world()
+                .is_root()
+                .then(|| self.opt.state_tensors()),
+        };
+        let Some(optimizer) = optimizer.filter(|_| self.comm.world().is_root()) else {
             return Ok(None);
-        }
+        };
         let c = &self.r.config;
         let state = CheckpointState {
             format_version: checkpoint::FORMAT_VERSION,
@@ -69,7 +78,7 @@ impl Trainer<'_> {
             config: c.clone(),
         };
         let keep = c.train.keep_checkpoints as usize;
-        checkpoint::save(&c.run.output, &self.vs, &self.opt, &state, keep).map(Some)
+        checkpoint::save(&c.run.output, &self.vs, &optimizer, &state, keep).map(Some)
     }
 
     /// Where to start: the epoch in progress at the checkpoint, and the steps it had done.

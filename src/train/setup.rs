@@ -215,6 +215,10 @@ impl<'a> Trainer<'a> {
             Start::Resume(path) => Some(resume(r, world, path, &mut vs, &mut opt)?),
             Start::Fresh { .. } => None,
         };
+        if c.train.shard_optimizer && world.size > 1 {
+            // After a resume: the checkpoint's whole state was loaded, the owned part stays.
+            opt.shard(super::zero::Ownership::of(&opt, world.rank, world.size));
+        }
         log_start(r, &data, comm);
         let mut plan = StepPlan {
             oom_above_bytes: dumps.simulate_oom_above_bytes,

@@ -100,10 +100,12 @@ pub fn legacy_backbone(run: &Path) -> Option<Backbone> {
 }
 
 /// Writes a checkpoint of step `state.step` under `run/checkpoints/` and keeps the newest `keep`.
+/// `optimizer` is the whole optimizer state ([`Optimizer::state_tensors`], or a sharded
+/// optimizer's gathered by [`crate::train::zero::gather_state`]: the same format).
 pub fn save(
     run: &Path,
     vs: &VarStore,
-    opt: &Optimizer,
+    optimizer: &[(String, Tensor)],
     state: &CheckpointState,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -116,7 +118,7 @@ pub fn save(
     let written = (|| -> Result<()> {
         fs::create_dir_all(&tmp)?;
         vs.save(tmp.join(MODEL))?;
-        Tensor::write_safetensors(&opt.state_tensors(), tmp.join(OPTIMIZER))?;
+        Tensor::write_safetensors(optimizer, tmp.join(OPTIMIZER))?;
         let mut text = serde_json::to_string_pretty(state)?;
         text.push('\n');
         fs::write(tmp.join(STATE), text)?;
@@ -265,6 +267,7 @@ pub fn check_position(
 }
 
 /// Loads weights and optimizer state after checking the checkpoint fits `config`'s model.
+/// `opt` gets the whole state (a sharded run drops the parts it does not own afterwards).
 pub fn load(
     ckpt: &Path,
     state: &CheckpointState,
