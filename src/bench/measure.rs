@@ -21,6 +21,9 @@ pub struct Measured {
     pub meter: String,
     pub ranks: usize,
     pub shard: ShardMode,
+    /// `--shard-optimizer` (absent in results written before it: off).
+    #[serde(default)]
+    pub shard_optimizer: bool,
     pub micro_steps: i64,
     pub amp: AmpMode,
     pub checkpoint: bool,
@@ -52,6 +55,12 @@ impl Measured {
                 .sum::<f64>()
                 + 0.0 // an empty sum is -0.0
         }))
+    }
+
+    /// The largest memory held at the start of a measured step (weights, gradients,
+    /// optimizer state).
+    pub fn held_bytes(&self) -> u64 {
+        self.steps.iter().map(|s| s.held_bytes).max().unwrap_or(0)
     }
 
     /// The largest working memory of a measured step (peak − held).
@@ -159,6 +168,7 @@ pub fn measure_steps(
         meter: meter.describe().to_owned(),
         ranks: world.size,
         shard: plan.shard,
+        shard_optimizer: opt.shards().is_some(),
         micro_steps: plan.micro_steps,
         amp,
         checkpoint: plan.checkpoint,

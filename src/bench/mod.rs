@@ -162,9 +162,10 @@ pub fn step(r: &Resolved, args: &StepArgs, comm: &dyn Communicator) -> Result<()
     if comm.world().is_root() {
         let phases = scaling::PHASES;
         let mut line = format!(
-            "W={} shard={:?} M={} step {:.3} s:",
+            "W={} shard={:?} shard-optimizer={} M={} step {:.3} s:",
             m.ranks,
             m.shard,
+            if m.shard_optimizer { "on" } else { "off" },
             m.micro_steps,
             m.step_seconds()
         );
@@ -172,8 +173,9 @@ pub fn step(r: &Resolved, args: &StepArgs, comm: &dyn Communicator) -> Result<()
             line += &format!(" {p:?} {:.3}", m.phase_seconds(p));
         }
         line += &format!(
-            "; {:.1} MiB sent/step",
-            m.bytes_sent_per_step / (1u64 << 20) as f64
+            "; {:.1} MiB sent/step; {:.1} MiB held",
+            m.bytes_sent_per_step / (1u64 << 20) as f64,
+            mib(m.held_bytes())
         );
         println!("{line}");
         if let Some(path) = &args.json {

@@ -1,5 +1,5 @@
 //! `bench scaling`: launches `fsct-dist bench step` under mpirun for each (sharding mode,
-//! micro-steps, W), then reports per setting the step time split into phases, throughput,
+//! optimizer sharding, micro-steps, W), then reports per setting the step time split into phases, throughput,
 //! scaling efficiency against W = 1 of the same mode and micro-steps, and the bytes each rank
 //! sends per step; as markdown, JSON and a PNG chart.
 //!
@@ -29,6 +29,9 @@ pub struct ScalingArgs {
     /// Sharding modes to run.
     #[arg(long, value_delimiter = ',', default_value = "images,episodes")]
     pub shards: Vec<ShardMode>,
+    /// `--shard-optimizer` values to run (off, on: ZeRO stage 1).
+    #[arg(long = "shard-optimizers", value_delimiter = ',', default_value = "off", value_parser = super::parse_on_off)]
+    pub shard_optimizers: Vec<bool>,
     /// Micro-steps per rank to run.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub micro: Vec<u64>,
@@ -51,6 +54,9 @@ pub struct ScalingArgs {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
     pub shard: ShardMode,
+    /// `--shard-optimizer` (absent in results written before it: off).
+    #[serde(default)]
+    pub shard_optimizer: bool,
     pub micro_steps: i64,
     pub ranks: usize,
     pub step_seconds: f64,
@@ -63,6 +69,9 @@ pub struct Point {
     pub bytes_sent_per_step: f64,
     pub images_per_episode: i64,
     pub episodes_per_step: u64,
+    /// Rank 0's memory held at the start of a step (absent in older results).
+    #[serde(default)]
+    pub held_bytes: u64,
 }
 
 pub const PHASES: [Phase; 6] = [
@@ -80,6 +89,7 @@ impl Point {
         let eps = m.episodes_per_step as f64 / step;
         Point {
             shard: m.shard,
+            shard_optimizer: m.shard_optimizer,
             micro_steps: m.micro_steps,
             ranks: m.ranks,
             step_seconds: step,
@@ -90,6 +100,7 @@ impl Point {
             bytes_sent_per_step: m.bytes_sent_per_step,
             images_per_episode: m.images_per_episode,
             episodes_per_step: m.episodes_per_step,
+            held_bytes: m.held_bytes(),
         }
     }
 
@@ -122,29 +133,17 @@ pub fn run(args: &ScalingArgs) -> Result<ScalingResult> {
     let tmp = tempfile_dir()?;
     let mut points = Vec::new();
     for &shard in &args.shards {
-        for &micro in &args.micro {
-            for &w in &args.ranks {
-                let json = tmp.join(format!("{shard:?}-{micro}-{w}.json"));
-                let status = Command::new("bash")
-                    .arg(&args.launcher)
-                    .args(["-n", &w.to_string()])
-                    .env("FSCT", &exe)
-                    .args(["bench", "step"])
-                    .args(&args.train_args)
-                    .args(["--shard", &format!("{shard:?}").to_lowercase()])
-                    .args(["--gradient-accumulation-steps", &micro.to_string()])
-                    .args(["--warmup", &args.warmup.to_string()])
-                    .args(["--steps", &args.steps.to_string()])
-                    .arg("--json")
-                    .arg(&json)
-                    .status()
-                    .with_context(|| format!("running {}", args.launcher.display()))?;
-                if !status.success() {
-                    bail!("bench step with {w} ranks ({shard:?}, M={micro}) failed: {status}");
+        for &zero in &args.shard_optimizers {
+            for &micro in &args.micro {
+                for &w in &args.ranks {
+                    let setting = Setting {
+                        shard,
+                        zero,
+                        micro,
+                        w,
+                    };
+                    points.push(measure(args, &exe, &tmp, setting)?);
                 }
-                let m: Measured = serde_json::from_slice(&std::fs::read(&json)?)
-                    .map_err(|e| anyhow!("reading {}: {e}", json.display()))?;
-                points.push(Point::from_measured(&m));
             }
         }
     }
@@ -166,32 +165,81 @@ pub fn run(args: &ScalingArgs) -> Result<ScalingResult> {
     Ok(result)
 }
 
+/// One point of the grid.
+#[derive(Debug, Clone, Copy)]
+struct Setting {
+    shard: ShardMode,
+    zero: bool,
+    micro: u64,
+    w: usize,
+}
+
+/// Runs `bench step` for one setting under the launcher and reads its measurement.
+fn measure(args: &ScalingArgs, exe: &Path, tmp: &Path, s: Setting) -> Result<Point> {
+    let Setting {
+        shard,
+        zero,
+        micro,
+        w,
+    } = s;
+    let on_off = if zero { "on" } else { "off" };
+    let json = tmp.join(format!("{shard:?}-{on_off}-{micro}-{w}.json"));
+    let status = Command::new("bash")
+        .arg(&args.launcher)
+        .args(["-n", &w.to_string()])
+        .env("FSCT", exe)
+        .args(["bench", "step"])
+        .args(&args.train_args)
+        .args(["--shard", &format!("{shard:?}").to_lowercase()])
+        .args(["--shard-optimizer", on_off])
+        .args(["--gradient-accumulation-steps", &micro.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--steps", &args.steps.to_string()])
+        .arg("--json")
+        .arg(&json)
+        .status()
+        .with_context(|| format!("running {}", args.launcher.display()))?;
+    if !status.success() {
+        bail!(
+            "bench step with {w} ranks ({shard:?}, shard-optimizer {on_off}, M={micro}) failed: {status}"
+        );
+    }
+    let m: Measured = serde_json::from_slice(&std::fs::read(&json)?)
+        .map_err(|e| anyhow!("reading {}: {e}", json.display()))?;
+    Ok(Point::from_measured(&m))
+}
+
 fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("fsct-scaling-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
 
-/// Fills `efficiency` against the W = 1 point of the same mode and micro-steps.
+/// Fills `efficiency` against the W = 1 point of the same mode and micro-steps (and optimizer
+/// sharding when there is one: with one rank it changes nothing).
 pub fn with_efficiency(points: &mut [Point]) {
-    let base: Vec<(ShardMode, i64, f64)> = points
+    let base: Vec<(ShardMode, bool, i64, f64)> = points
         .iter()
         .filter(|p| p.ranks == 1)
-        .map(|p| (p.shard, p.micro_steps, p.episodes_per_s))
+        .map(|p| (p.shard, p.shard_optimizer, p.micro_steps, p.episodes_per_s))
         .collect();
     for p in points.iter_mut() {
+        let same =
+            |&&(s, _, m, _): &&(ShardMode, bool, i64, f64)| s == p.shard && m == p.micro_steps;
         p.efficiency = base
             .iter()
-            .find(|(s, m, _)| *s == p.shard && *m == p.micro_steps)
-            .map(|&(_, _, b)| p.episodes_per_s / (p.ranks as f64 * b));
+            .filter(same)
+            .find(|b| b.1 == p.shard_optimizer)
+            .or_else(|| base.iter().find(same))
+            .map(|&(_, _, _, b)| p.episodes_per_s / (p.ranks as f64 * b));
     }
 }
 
 pub fn table(r: &ScalingResult) -> String {
     let mut s = format!(
         "# Scaling\n\nCommand: `{}`\nTraining flags: `{}`\nMachine: {}; date {}\n\n\
-         | shard | M | W | step s | data | backbone fwd | head | backward | comm | optimizer | episodes/s | images/s | efficiency | MiB sent/step |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | shard | shard optimizer | M | W | step s | data | backbone fwd | head | backward | comm | optimizer | episodes/s | images/s | efficiency | MiB sent/step | MiB held |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.command,
         r.train_args.join(" "),
         r.machine,
@@ -199,8 +247,9 @@ pub fn table(r: &ScalingResult) -> String {
     );
     for p in &r.points {
         s += &format!(
-            "| {:?} | {} | {} | {:.3} | {} | {:.2} | {:.1} | {:.0}% | {:.1} |\n",
+            "| {:?} | {} | {} | {} | {:.3} | {} | {:.2} | {:.1} | {:.0}% | {:.1} | {:.1} |\n",
             p.shard,
+            if p.shard_optimizer { "on" } else { "off" },
             p.micro_steps,
             p.ranks,
             p.step_seconds,
@@ -212,12 +261,14 @@ pub fn table(r: &ScalingResult) -> String {
             p.episodes_per_s,
             p.images_per_s,
             100.0 * p.efficiency.unwrap_or(f64::NAN),
-            p.bytes_sent_per_step / (1u64 << 20) as f64
+            p.bytes_sent_per_step / (1u64 << 20) as f64,
+            super::mib(p.held_bytes)
         );
     }
     s += "\nPhase columns: median seconds per optimizer step on rank 0. Efficiency: \
           throughput(W) / (W · throughput(1)) of the same mode and M (strong scaling for \
-          `images`, weak for `episodes`). MiB sent: tensor bytes rank 0 put into collectives.\n";
+          `images`, weak for `episodes`). MiB sent: tensor bytes rank 0 put into collectives. MiB held: rank 0's memory at the \
+          start of a step (weights, gradients, optimizer state).\n";
     s
 }
 
@@ -254,15 +305,18 @@ pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
             .y_desc("episodes / s")
             .draw()
             .map_err(|x| e(&x))?;
-        let mut series: Vec<(ShardMode, i64)> =
-            r.points.iter().map(|p| (p.shard, p.micro_steps)).collect();
+        let mut series: Vec<(ShardMode, i64, bool)> = r
+            .points
+            .iter()
+            .map(|p| (p.shard, p.micro_steps, p.shard_optimizer))
+            .collect();
         series.dedup();
-        for (i, (shard, m)) in series.iter().enumerate() {
+        for (i, (shard, m, zero)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             let pts: Vec<(f64, f64)> = r
                 .points
                 .iter()
-                .filter(|p| p.shard == *shard && p.micro_steps == *m)
+                .filter(|p| p.shard == *shard && p.micro_steps == *m && p.shard_optimizer == *zero)
                 .map(|p| (p.ranks as f64, p.episodes_per_s))
                 .collect();
             if let Some(&(w1, e1)) = pts.iter().find(|p| p.0 == 1.0) {
@@ -276,7 +330,10 @@ pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
             }
             c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(|x| e(&x))?
-                .label(format!("{shard:?} M={m}"))
+                .label(format!(
+                    "{shard:?} M={m}{}",
+                    if *zero { " ZeRO-1" } else { "" }
+                ))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
             c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(|x| e(&x))?;
@@ -290,14 +347,15 @@ pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
             .iter()
             .map(|p| {
                 format!(
-                    "{} M{} W{}",
+                    "{} M{} W{}{}",
                     if p.shard == ShardMode::Images {
                         "img"
                     } else {
                         "ep"
                     },
                     p.micro_steps,
-                    p.ranks
+                    p.ranks,
+                    if p.shard_optimizer { " Z" } else { "" }
                 )
             })
             .collect();

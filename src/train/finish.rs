@@ -31,14 +31,35 @@ impl Trainer<'_> {
             // Rank 0 writes the file asked for, the others beside it (to check they agree).
             save_weights(&self.vs, &rank_path(path, world.rank))?;
         }
+        // Every rank's held memory (what a sharded optimizer divides), for rank 0's report.
+        let held = self
+            .profiler
+            .as_ref()
+            .and_then(MemoryProfiler::last)
+            .map_or(0.0, |m| m.held_bytes as f64);
+        let per_rank: Vec<u64> = match &self.profiler {
+            Some(_) if world.size > 1 => self
+                .comm
+                .all_gather_f64(&[held])?
+                .into_iter()
+                .map(|b| b as u64)
+                .collect(),
+            _ => vec![held as u64],
+        };
         if !world.is_root() {
             return Ok(());
         }
         if let Some(m) = self.profiler.as_ref().and_then(MemoryProfiler::last) {
             self.progress
                 .println(&crate::memory::profiler::table(m, self.meter));
+            self.progress
+                .println(&crate::memory::profiler::held_per_rank(&per_rank));
             let device = format!("{:?}", self.device);
-            if let Err(e) = crate::memory::profiler::write_report(m, self.meter, &device, out) {
+            let report = crate::memory::profiler::Report {
+                device: &device,
+                held_per_rank: &per_rank,
+            };
+            if let Err(e) = crate::memory::profiler::write_report(m, self.meter, report, out) {
                 tracing::warn!("memory report not written: {e:#}");
             }
         }
