@@ -183,13 +183,13 @@ pub fn table(m: &StepMemory, meter: Meter) -> String {
     s
 }
 
-/// One line: the memory each rank held at the start of the reported step (a sharded optimizer
-/// holds about 1/W of the optimizer state on each).
-pub fn held_per_rank(bytes: &[u64]) -> String {
+/// One line: the memory each rank held at the start of the reported step and, of it, the
+/// optimizer state (a sharded optimizer holds about 1/W of it on each): (held, state) bytes.
+pub fn held_per_rank(bytes: &[(u64, u64)]) -> String {
     let parts: Vec<String> = bytes
         .iter()
         .enumerate()
-        .map(|(r, &b)| format!("rank {r} {:.1} MiB", mib(b)))
+        .map(|(r, &(h, s))| format!("rank {r} {:.1} MiB (optimizer state {:.1})", mib(h), mib(s)))
         .collect();
     format!("held per rank: {}", parts.join(", "))
 }
@@ -197,15 +197,16 @@ pub fn held_per_rank(bytes: &[u64]) -> String {
 /// What the run adds to a step's memory report.
 pub struct Report<'a> {
     pub device: &'a str,
-    /// Held bytes of every rank, rank order (one entry for a world of one).
-    pub held_per_rank: &'a [u64],
+    /// (held, optimizer state) bytes of every rank, rank order (one entry alone).
+    pub held_per_rank: &'a [(u64, u64)],
 }
 
 /// Writes memory.json and memory.png (phases in order: current and peak) into `dir`.
 pub fn write_report(m: &StepMemory, meter: Meter, report: Report, dir: &Path) -> Result<()> {
     let json = serde_json::json!({
         "device": report.device,
-        "held_bytes_per_rank": report.held_per_rank,
+        "held_bytes_per_rank": report.held_per_rank.iter().map(|p| p.0).collect::<Vec<_>>(),
+        "optimizer_state_bytes_per_rank": report.held_per_rank.iter().map(|p| p.1).collect::<Vec<_>>(),
         "measure": meter.describe(),
         "step": m.step,
         "held_bytes": m.held_bytes,

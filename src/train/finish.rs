@@ -31,21 +31,21 @@ impl Trainer<'_> {
             // Rank 0 writes the file asked for, the others beside it (to check they agree).
             save_weights(&self.vs, &rank_path(path, world.rank))?;
         }
-        // Every rank's held memory (what a sharded optimizer divides), for rank 0's report.
+        // Every rank's held memory and optimizer state (what a sharded optimizer divides),
+        // for rank 0's report: pairs (held, state) in rank order.
         let held = self
             .profiler
             .as_ref()
             .and_then(MemoryProfiler::last)
             .map_or(0.0, |m| m.held_bytes as f64);
-        let per_rank: Vec<u64> = match &self.profiler {
-            Some(_) if world.size > 1 => self
-                .comm
-                .all_gather_f64(&[held])?
-                .into_iter()
-                .map(|b| b as u64)
-                .collect(),
-            _ => vec![held as u64],
-        };
+        let mine = [held, self.opt.state_bytes() as f64];
+        let per_rank: Vec<(u64, u64)> = match &self.profiler {
+            Some(_) if world.size > 1 => self.comm.all_gather_f64(&mine)?,
+            _ => mine.to_vec(),
+        }
+        .chunks(2)
+        .map(|p| (p[0] as u64, p[1] as u64))
+        .collect();
         if !world.is_root() {
             return Ok(());
         }

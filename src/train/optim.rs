@@ -133,6 +133,16 @@ impl Optimizer {
         &self.state[i]
     }
 
+    /// Bytes of state this rank holds (moments or momentum buffers).
+    pub fn state_bytes(&self) -> u64 {
+        self.state
+            .iter()
+            .flat_map(|s| [&s.exp_avg, &s.exp_avg_sq])
+            .flatten()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    }
+
     /// The ownership this optimizer steps under (None: unsharded).
     pub fn shards(&self) -> Option<&Ownership> {
         self.shards.as_ref()
