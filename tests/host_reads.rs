@@ -52,6 +52,7 @@ fn one_step_reads_the_host_once_in_fp32_and_three_times_with_the_fp16_loss_scale
             let hooks = StepHooks {
                 reload: &|_, _| unreachable!("no out-of-memory retry here"),
                 before_optimizer: &mut |_| Ok(()),
+                full_grads: false,
                 phases: &mut NoProfile,
             };
             let report = optimizer_step(&mut plan, trainee, vec![episode], hooks).unwrap();

@@ -30,7 +30,7 @@ pub struct ScalingArgs {
     #[arg(long, value_delimiter = ',', default_value = "images,episodes")]
     pub shards: Vec<ShardMode>,
     /// `--shard-optimizer` values to run (off, on: ZeRO stage 1).
-    #[arg(long = "shard-optimizers", value_delimiter = ',', default_value = "off", value_parser = super::parse_on_off)]
+    #[arg(long = "shard-optimizers", value_delimiter = ',', default_value = "off", value_parser = crate::config::parse_switch)]
     pub shard_optimizers: Vec<bool>,
     /// Micro-steps per rank to run.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
