@@ -82,6 +82,16 @@ impl<'a> StepPlan<'a> {
         }
     }
 
+    /// Images of an episode one rank embeds (at least 1): its share under `--shard images`,
+    /// the whole episode under `--shard episodes`. Micro-steps never exceed it.
+    pub fn images_per_rank(&self) -> i64 {
+        let per_rank = match self.shard {
+            ShardMode::Images => self.total_images / self.comm.world().size as i64,
+            ShardMode::Episodes => self.total_images,
+        };
+        per_rank.max(1)
+    }
+
     /// Logs the BatchNorm groups the run uses (the objective depends on them).
     pub fn log_groups(&self) {
         let w = self.comm.world();
@@ -178,18 +188,15 @@ pub fn optimizer_step(
             match result {
                 Ok(o) => outcomes.push(o),
                 Err(StepError::OutOfMemory(why)) if plan.dynamic => {
-                    let per_rank = match plan.shard {
-                        ShardMode::Images => plan.total_images / world.size as i64,
-                        ShardMode::Episodes => plan.total_images,
-                    };
-                    if plan.micro_steps >= per_rank.max(1) {
+                    let per_rank = plan.images_per_rank();
+                    if plan.micro_steps >= per_rank {
                         bail!(
                             "out of memory with {} micro-steps (one image per chunk): {why}. \
                              Lower --image-size, use --amp bf16/fp16 or --checkpoint-activations",
                             plan.micro_steps
                         );
                     }
-                    let next = (plan.micro_steps * 2).min(per_rank.max(1));
+                    let next = (plan.micro_steps * 2).min(per_rank);
                     warn!(
                         "out of memory with {} micro-steps ({why}); redoing the step's {} episode(s) with {next}",
                         plan.micro_steps,

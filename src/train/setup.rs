@@ -17,7 +17,7 @@ use super::optimizer_step::{probe_micro_steps, StepPlan};
 use super::progress::Progress;
 use super::run_state::{CONFIG_FILE, METRICS_FILE};
 use super::{metrics, optim, run_folder, Dumps, Start, TrainSummary, Trainer};
-use crate::config::{DatasetSource, Resolved, ShardMode, Split};
+use crate::config::{DatasetSource, Resolved, Split};
 use crate::data::{self, EpisodeShape, SplitIndex};
 use crate::distributed::{Communicator, World};
 use crate::files;
@@ -227,11 +227,8 @@ impl<'a> Trainer<'a> {
         if let Some(state) = &resumed {
             plan.micro_steps = state.micro_steps;
         } else if plan.dynamic {
-            let per_rank = match plan.shard {
-                ShardMode::Images => plan.total_images / world.size as i64,
-                ShardMode::Episodes => plan.total_images,
-            };
-            let m = probe_micro_steps(&model, &mut opt, device, c.data.image_size, per_rank.max(1));
+            let per_rank = plan.images_per_rank();
+            let m = probe_micro_steps(&model, &mut opt, device, c.data.image_size, per_rank);
             // Every rank must use the same groups: take the largest choice.
             plan.micro_steps = comm
                 .all_gather_f64(&[m as f64])?
