@@ -103,7 +103,7 @@ pub fn measure_steps(
     let base = open_split(&root, Split::Base, shape)?;
     let mut opt = crate::train::optim::build(&c.train, &vs)?;
     if c.train.shard_optimizer && world.size > 1 {
-        let own = crate::train::zero::Ownership::of(&opt, world.rank, world.size);
+        let own = crate::train::zero::Ownership::of(&opt.numels(), world.rank, world.size);
         opt.shard(own);
     }
     let mut plan = StepPlan {

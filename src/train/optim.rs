@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use super::zero::Ownership;
+use super::ownership::Ownership;
 use crate::config::{Optimizer as Kind_, TrainConfig};
 
 const BETA1: f64 = 0.9;

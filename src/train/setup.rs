@@ -217,7 +217,11 @@ impl<'a> Trainer<'a> {
         };
         if c.train.shard_optimizer && world.size > 1 {
             // After a resume: the checkpoint's whole state was loaded, the owned part stays.
-            opt.shard(super::zero::Ownership::of(&opt, world.rank, world.size));
+            opt.shard(super::zero::Ownership::of(
+                &opt.numels(),
+                world.rank,
+                world.size,
+            ));
         }
         log_start(r, &data, comm);
         let mut plan = StepPlan {

@@ -22,54 +22,7 @@ use tch::Tensor;
 use super::optim::Optimizer;
 use crate::distributed::Communicator;
 
-/// Which rank owns (steps, and holds the state of) each trainable tensor, in the optimizer's
-/// name order. The same on every rank: it depends on the shapes and the world size only.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ownership {
-    pub owner: Vec<usize>,
-    pub rank: usize,
-    pub world: usize,
-}
-
-/// Greedy balance by element count: tensors in decreasing size (name order among equal
-/// sizes), each to the rank that owns the fewest elements so far (the lowest such rank). The
-/// largest-first order keeps the heaviest rank within one tensor of the mean.
-pub fn balance(numels: &[i64], world: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..numels.len()).collect();
-    order.sort_by(|&a, &b| numels[b].cmp(&numels[a]).then(a.cmp(&b)));
-    let mut load = vec![0i64; world.max(1)];
-    let mut owner = vec![0; numels.len()];
-    for i in order {
-        let r = (0..load.len())
-            .min_by_key(|&r| (load[r], r))
-            .expect("one rank at least");
-        owner[i] = r;
-        load[r] += numels[i];
-    }
-    owner
-}
-
-impl Ownership {
-    /// The split of `opt`'s variables over `world` ranks, seen from `rank`.
-    pub fn of(opt: &Optimizer, rank: usize, world: usize) -> Self {
-        Self {
-            owner: balance(&opt.numels(), world),
-            rank,
-            world,
-        }
-    }
-
-    pub fn owns(&self, i: usize) -> bool {
-        self.owner[i] == self.rank
-    }
-
-    /// The indices owned by `rank`, in name order.
-    pub fn of_rank(&self, rank: usize) -> Vec<usize> {
-        (0..self.owner.len())
-            .filter(|&i| self.owner[i] == rank)
-            .collect()
-    }
-}
+pub use super::ownership::{balance, Ownership};
 
 fn pick(tensors: &[Tensor], idx: &[usize]) -> Vec<Tensor> {
     idx.iter().map(|&i| tensors[i].shallow_clone()).collect()
