@@ -243,22 +243,28 @@ pub fn optimizer_step(
     }
     let vars = opt.trainable_variables();
     let shards = opt.shards().filter(|_| world.size > 1).cloned();
-    // What this rank checks for inf/NaN and steps: its own variables under a sharded
-    // optimizer (the others' gradients here are partial sums), otherwise all.
-    let checked: Vec<Tensor> = match &shards {
-        Some(own) if !full_grads => own
-            .of_rank(own.rank)
-            .into_iter()
-            .map(|i| vars[i].shallow_clone())
-            .collect(),
-        _ => vars.iter().map(Tensor::shallow_clone).collect(),
+    // Gradients go to their owners only, unless the hook needs them all on this step.
+    let to_owners = shards.as_ref().filter(|_| !full_grads);
+    // What this rank checks for inf/NaN: its own variables when only the owners hold reduced
+    // gradients (the others' here are partial sums), otherwise all.
+    let owned: Vec<Tensor>;
+    let checked: &[Tensor] = match to_owners {
+        Some(own) => {
+            owned = own
+                .of_rank(own.rank)
+                .into_iter()
+                .map(|i| vars[i].shallow_clone())
+                .collect();
+            &owned
+        }
+        None => &vars,
     };
     if world.size > 1 {
         phases.enter(Phase::Communication);
         let grads = defined_grads(&vars);
-        match &shards {
-            Some(own) if !full_grads => zero::reduce_to_owners(plan.comm, own, &grads)?,
-            _ => plan.comm.all_reduce_sum(&grads)?,
+        match to_owners {
+            Some(own) => zero::reduce_to_owners(plan.comm, own, &grads)?,
+            None => plan.comm.all_reduce_sum(&grads)?,
         }
         if plan.shard == ShardMode::Episodes {
             for g in &grads {
@@ -268,7 +274,7 @@ pub fn optimizer_step(
         }
     }
     phases.enter(Phase::Optimizer);
-    scaler.unscale_(&checked)?;
+    scaler.unscale_(checked)?;
     if world.size > 1 && scaler.is_enabled() {
         // Unsharded, gradients are identical after the all-reduce, so this agrees already;
         // sharded, each owner checked its own: every rank must take the same decision.

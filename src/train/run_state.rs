@@ -60,7 +60,8 @@ impl Trainer<'_> {
                 .is_root()
                 .then(|| self.opt.state_tensors()),
         };
-        let Some(optimizer) = optimizer.filter(|_| self.comm.world().is_root()) else {
+        // Both are Some on rank 0 only.
+        let Some(optimizer) = optimizer else {
             return Ok(None);
         };
         let c = &self.r.config;
