@@ -61,24 +61,34 @@ fn norm(t: &Tensor) -> f64 {
     t.to_kind(Kind::Double).norm().double_value(&[])
 }
 
-/// Worst per-tensor error of `a` against the reference `b` (see the module doc).
-fn worst_error(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f64, String) {
+/// The worst of `error(a_t, b_t, ‖all of b‖)` over the tensors of `b`, with its name.
+fn worst_by(
+    a: &HashMap<String, Tensor>,
+    b: &HashMap<String, Tensor>,
+    error: impl Fn(&Tensor, &Tensor, f64) -> f64,
+) -> (f64, String) {
     assert_eq!(a.len(), b.len(), "same tensors");
     let total = b.values().map(|t| norm(t).powi(2)).sum::<f64>().sqrt();
-    assert!(total > 0.0);
     let mut worst = (0.0, String::new());
     for (name, rb) in b {
-        let ra = &a[name];
-        let e = if norm(rb) < 1e-5 * total {
-            norm(ra) / (1e-5 * total) * 1e-5 // both noise: ≤ 1e-5 when ‖a‖ < 1e-5·total
-        } else {
-            norm(&(ra - rb)) / norm(rb).max(1e-3 * total)
-        };
+        let e = error(&a[name], rb, total);
         if e > worst.0 {
             worst = (e, name.clone());
         }
     }
     worst
+}
+
+/// Worst per-tensor error of `a` against the reference `b` (see the module doc).
+fn worst_error(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f64, String) {
+    worst_by(a, b, |ra, rb, total| {
+        assert!(total > 0.0);
+        if norm(rb) < 1e-5 * total {
+            norm(ra) / (1e-5 * total) * 1e-5 // both noise: ≤ 1e-5 when ‖a‖ < 1e-5·total
+        } else {
+            norm(&(ra - rb)) / norm(rb).max(1e-3 * total)
+        }
+    })
 }
 
 fn test_line(out: &Output) -> String {
@@ -217,7 +227,7 @@ fn parameters_are_identical_on_every_rank_after_three_steps() {
         );
         let p0 = read(&params);
         for rank in [1, 2] {
-            let pr = read(&params.with_file_name(format!("{shard}.rank{rank}.safetensors")));
+            let pr = read(&fsct_dist::train::rank_path(&params, rank));
             for (name, t) in &p0 {
                 assert!(t.equal(&pr[name]), "{shard}: {name} differs on rank {rank}");
             }
@@ -571,24 +581,15 @@ fn more_batchnorm_groups_than_images_is_refused_by_dry_run_under_a_launcher() {
 /// another order of the ranks' sum (a reduce and an all-reduce add in different orders) is
 /// 1e-6 of the tensor.
 fn worst_relative(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f64, String) {
-    assert_eq!(a.len(), b.len(), "same tensors");
-    let total = b.values().map(|t| norm(t).powi(2)).sum::<f64>().sqrt();
-    let mut worst = (0.0, String::new());
-    for (name, rb) in b {
-        let e = norm(&(&a[name] - rb)) / norm(rb).max(1e-3 * total);
-        if e > worst.0 {
-            worst = (e, name.clone());
-        }
-    }
-    worst
+    worst_by(a, b, |ra, rb, total| {
+        norm(&(ra - rb)) / norm(rb).max(1e-3 * total)
+    })
 }
 
 /// Every rank's `--dump-params` file beside rank 0's equals rank 0's, bit for bit.
 fn ranks_agree(params: &Path, w: usize) {
-    let stem = params.file_stem().unwrap().to_string_lossy().into_owned();
     for rank in 1..w {
-        let other = params.with_file_name(format!("{stem}.rank{rank}.safetensors"));
-        assert_bit_identical(&other, params);
+        assert_bit_identical(&fsct_dist::train::rank_path(params, rank), params);
     }
 }
 
