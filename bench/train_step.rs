@@ -1,15 +1,18 @@
 //! CPU training-step time: fsct-dist vs PyTorch eager, side by side in one run, same threads.
 //!
 //! Each case is one FSCT_cosine training step (forward, cross-entropy, backward, AdamW) on a
-//! random 5-way 5-shot 16-query episode: Conv4 at 84 px and the FETI ResNet34 at 112 px. Ours
-//! runs in this process; PyTorch runs bench/train_step_pytorch.py (the same model written like
-//! the official code) in a Python with the full torch 2.11.0 wheel. The two alternate, twice, so
-//! both see the same machine load; medians over all measured steps.
+//! random 5-way 5-shot 16-query episode: Conv4 at 84 px and the official (torchvision-layout,
+//! FETI=0) ResNet34 at 112 px. Ours runs in this process; the comparators run in a Python with
+//! the full torch 2.11.0 wheel: bench/train_step_pytorch.py (the model re-written like the
+//! official code) always, and bench/train_step_official.py (the official classes themselves)
+//! when FSCT_OFFICIAL_REPO names a checkout of vinuni-vishc/Few-Shot-Cosine-Transformer. Ours
+//! and the comparators alternate, twice, so all see the same machine load; medians over all
+//! measured steps.
 //!
-//! Run: `cargo bench --bench train_step`. Python: FSCT_TORCH_PYTHON, default
-//! `.venv-torch/bin/python` (make it with `python3 -m venv .venv-torch && .venv-torch/bin/pip
-//! install torch==2.11.0 numpy`). FSCT_BENCH_QUICK=1 runs one short round. Writes
-//! bench/results/train_step_<date>.md.
+//! Run: `FSCT_OFFICIAL_REPO=/path/to/checkout cargo bench --bench train_step`. Python:
+//! FSCT_TORCH_PYTHON, default `.venv-torch/bin/python` (make it with `python3 -m venv .venv-torch
+//! && .venv-torch/bin/pip install torch==2.11.0 torchvision einops numpy`). FSCT_BENCH_QUICK=1
+//! runs one short round. Writes bench/results/train_step_<date>.md.
 
 use std::process::Command;
 use std::time::Instant;
@@ -64,22 +67,8 @@ fn ours(case: &Case, steps: usize) -> Vec<f64> {
     times
 }
 
-fn pytorch(
-    python: &str,
-    case: &Case,
-    steps: usize,
-    threads: i32,
-) -> Result<(Vec<f64>, String), String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/train_step_pytorch.py");
-    let args = [
-        case.name.to_string(),
-        case.size.to_string(),
-        WAY.to_string(),
-        SHOT.to_string(),
-        QUERY.to_string(),
-        steps.to_string(),
-        threads.to_string(),
-    ];
+/// One Python comparator run: `script` with `args`, printing `{"torch": .., "step_s": [..]}`.
+fn python_steps(python: &str, script: &str, args: &[String]) -> Result<(Vec<f64>, String), String> {
     let out = Command::new(python)
         .arg(script)
         .args(args)
@@ -98,6 +87,48 @@ fn pytorch(
     Ok((times, v["torch"].as_str().unwrap_or("?").to_string()))
 }
 
+/// The comparators: the re-implementation always, the official code when a checkout is given.
+fn comparators(
+    case: &Case,
+    steps: usize,
+    threads: i32,
+    official: Option<&str>,
+) -> Vec<(&'static str, String, Vec<String>)> {
+    let shape = [
+        case.name.to_string(),
+        case.size.to_string(),
+        WAY.to_string(),
+        SHOT.to_string(),
+        QUERY.to_string(),
+        steps.to_string(),
+        threads.to_string(),
+    ];
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench");
+    let mut out = vec![(
+        "PyTorch re-impl.",
+        format!("{dir}/train_step_pytorch.py"),
+        shape.to_vec(),
+    )];
+    if let Some(repo) = official {
+        let mut args = vec![repo.to_string()];
+        args.extend(shape);
+        out.push((
+            "official FS-CT",
+            format!("{dir}/train_step_official.py"),
+            args,
+        ));
+    }
+    out
+}
+
+fn median_or_nan(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        fsct_dist::bench::measure::median(v.iter().copied())
+    }
+}
+
 fn main() {
     let quick = std::env::var("FSCT_BENCH_QUICK").is_ok();
     let python = std::env::var("FSCT_TORCH_PYTHON").unwrap_or_else(|_| {
@@ -105,6 +136,7 @@ fn main() {
     });
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
     tch::set_num_threads(threads);
+    let official = std::env::var("FSCT_OFFICIAL_REPO").ok();
     let cases = [
         Case {
             backbone: Backbone::Conv4,
@@ -113,49 +145,50 @@ fn main() {
             steps: if quick { 2 } else { 5 },
         },
         Case {
-            backbone: Backbone::FetiResNet34,
-            name: "ResNet34",
+            backbone: Backbone::TvResNet34,
+            name: "TvResNet34",
             size: 112,
-            steps: if quick { 1 } else { 2 },
+            steps: if quick { 1 } else { 3 },
         },
     ];
     let rounds = if quick { 1 } else { 2 };
     let mut rows = Vec::new();
     let mut torch_version = String::from("?");
     for case in &cases {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let sides = comparators(case, case.steps, threads, official.as_deref());
+        let mut ours_s = Vec::new();
+        let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
         for _ in 0..rounds {
-            a.extend(ours(case, case.steps));
-            match pytorch(&python, case, case.steps, threads) {
-                Ok((t, v)) => {
-                    b.extend(t);
-                    torch_version = v;
-                }
-                Err(e) => {
-                    eprintln!("PyTorch side failed ({e}); see the header of bench/train_step.rs")
+            // Alternate ours and each comparator within a round: all see the same machine load.
+            ours_s.extend(ours(case, case.steps));
+            for ((label, script, args), times) in sides.iter().zip(theirs.iter_mut()) {
+                match python_steps(&python, script, args) {
+                    Ok((t, v)) => {
+                        times.extend(t);
+                        torch_version = v;
+                    }
+                    Err(e) => eprintln!(
+                        "{label} side failed ({e}); see the header of bench/train_step.rs"
+                    ),
                 }
             }
         }
-        let (ma, mb) = (
-            fsct_dist::bench::measure::median(a.iter().copied()),
-            if b.is_empty() {
-                f64::NAN
-            } else {
-                fsct_dist::bench::measure::median(b.iter().copied())
-            },
-        );
-        let row = format!(
-            "| {} {} px, 5-way 5-shot 16-query | {:.3} | {:.3} | {:.2} | {} / {} |",
-            case.name,
-            case.size,
-            ma,
-            mb,
-            mb / ma,
-            a.len(),
-            b.len()
-        );
-        println!("{row}");
-        rows.push(row);
+        let ma = median_or_nan(&ours_s);
+        for ((label, _, _), times) in sides.iter().zip(&theirs) {
+            let mb = median_or_nan(times);
+            let row = format!(
+                "| {} {} px, 5-way 5-shot 16-query | {label} | {:.3} | {:.3} | {:.2} | {} / {} |",
+                case.name,
+                case.size,
+                ma,
+                mb,
+                mb / ma,
+                ours_s.len(),
+                times.len()
+            );
+            println!("{row}");
+            rows.push(row);
+        }
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -176,9 +209,14 @@ fn main() {
          Machine: {cpu}, {threads} threads for both (libtorch intra-op), date {date}; PyTorch {torch_version}.\n\
          One step = forward + cross-entropy + backward + AdamW on a random episode (FSCT_cosine, official head).\n\
          Medians over {rounds} alternating rounds (one warm-up step each). Ratio > 1: fsct-dist is faster.\n\n\
-         | case | fsct-dist s/step | PyTorch s/step | ratio PyTorch/ours | steps measured (ours / PyTorch) |\n\
-         |---|---|---|---|---|\n{}\n",
-        if quick { " (FSCT_BENCH_QUICK=1)" } else { "" },
+         | case | compared with | fsct-dist s/step | PyTorch s/step | ratio PyTorch/ours | steps measured (ours / PyTorch) |\n\
+         |---|---|---|---|---|---|\n{}\n",
+        match (quick, &official) {
+            (true, Some(_)) => " with FSCT_OFFICIAL_REPO=<checkout>, FSCT_BENCH_QUICK=1",
+            (false, Some(_)) => " with FSCT_OFFICIAL_REPO=<checkout>",
+            (true, None) => " (FSCT_BENCH_QUICK=1)",
+            (false, None) => "",
+        },
         rows.join("\n")
     );
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results");
