@@ -90,7 +90,6 @@ fn python_steps(python: &str, script: &str, args: &[String]) -> Result<(Vec<f64>
 /// The comparators: the re-implementation always, the official code when a checkout is given.
 fn comparators(
     case: &Case,
-    steps: usize,
     threads: i32,
     official: Option<&str>,
 ) -> Vec<(&'static str, String, Vec<String>)> {
@@ -100,7 +99,7 @@ fn comparators(
         WAY.to_string(),
         SHOT.to_string(),
         QUERY.to_string(),
-        steps.to_string(),
+        case.steps.to_string(),
         threads.to_string(),
     ];
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench");
@@ -155,7 +154,7 @@ fn main() {
     let mut rows = Vec::new();
     let mut torch_version = String::from("?");
     for case in &cases {
-        let sides = comparators(case, case.steps, threads, official.as_deref());
+        let sides = comparators(case, threads, official.as_deref());
         let mut ours_s = Vec::new();
         let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
         for _ in 0..rounds {
@@ -205,18 +204,19 @@ fn main() {
         .unwrap_or_default();
     let table = format!(
         "# CPU training step: fsct-dist vs PyTorch eager\n\n\
-         Command: `cargo bench --bench train_step`{}\n\
+         Command: `{}cargo bench --bench train_step`\n\
          Machine: {cpu}, {threads} threads for both (libtorch intra-op), date {date}; PyTorch {torch_version}.\n\
          One step = forward + cross-entropy + backward + AdamW on a random episode (FSCT_cosine, official head).\n\
          Medians over {rounds} alternating rounds (one warm-up step each). Ratio > 1: fsct-dist is faster.\n\n\
          | case | compared with | fsct-dist s/step | PyTorch s/step | ratio PyTorch/ours | steps measured (ours / PyTorch) |\n\
          |---|---|---|---|---|---|\n{}\n",
-        match (quick, &official) {
-            (true, Some(_)) => " with FSCT_OFFICIAL_REPO=<checkout>, FSCT_BENCH_QUICK=1",
-            (false, Some(_)) => " with FSCT_OFFICIAL_REPO=<checkout>",
-            (true, None) => " (FSCT_BENCH_QUICK=1)",
-            (false, None) => "",
-        },
+        [
+            (official.is_some(), "FSCT_OFFICIAL_REPO=<checkout> "),
+            (quick, "FSCT_BENCH_QUICK=1 "),
+        ]
+        .iter()
+        .filter_map(|&(on, env)| on.then_some(env))
+        .collect::<String>(),
         rows.join("\n")
     );
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results");
