@@ -11,7 +11,7 @@
 //!
 //! Run: `FSCT_OFFICIAL_REPO=/path/to/checkout cargo bench --bench train_step`. Python:
 //! FSCT_TORCH_PYTHON, default `.venv-torch/bin/python` (make it with `python3 -m venv .venv-torch
-//! && .venv-torch/bin/pip install torch==2.11.0 torchvision einops numpy`). FSCT_BENCH_QUICK=1
+//! && .venv-torch/bin/pip install torch==2.11.0 torchvision einops tqdm numpy`). FSCT_BENCH_QUICK=1
 //! runs one short round. Writes bench/results/train_step_<date>.md.
 
 use std::process::Command;
