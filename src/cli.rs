@@ -215,6 +215,10 @@ pub struct RunArgs {
     /// the moments, same steps); off (default): every rank holds all of it.
     #[arg(long = "shard-optimizer", alias = "shard_optimizer", value_parser = crate::config::parse_switch)]
     pub shard_optimizer: Option<bool>,
+    /// on (default): all-reduce gradient buckets during the backward, as soon as each is
+    /// final; off: all of them after the backward. The same sums either way.
+    #[arg(long, value_parser = crate::config::parse_switch)]
+    pub overlap: Option<bool>,
     /// Collective backend between ranks: auto (NCCL on CUDA, else MPI), nccl or mpi.
     #[arg(long, value_enum)]
     pub comm: Option<crate::config::CommKind>,
@@ -354,6 +358,7 @@ impl RunArgs {
         set(&mut c.train.empty_cache_every, &self.empty_cache_every);
         set(&mut c.train.shard, &self.shard);
         set(&mut c.train.shard_optimizer, &self.shard_optimizer);
+        set(&mut c.train.overlap, &self.overlap);
         set(&mut c.train.checkpoint_every, &self.checkpoint_every);
         set(&mut c.train.keep_checkpoints, &self.keep_checkpoints);
         set(&mut c.run.comm, &self.comm);

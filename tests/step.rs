@@ -32,7 +32,7 @@ fn step_alone(model: &FewShotModel, x: &Tensor, opts: StepOptions) -> StepOutcom
         total_images: x.size()[0],
         ..opts
     };
-    forward_backward(model, x, opts, &Local, &mut NoProfile).expect("a step on the CPU")
+    forward_backward(model, x, opts, &Local, &mut NoProfile, None).expect("a step on the CPU")
 }
 
 fn build(method: Method, seed: i64) -> (nn::VarStore, FewShotModel) {

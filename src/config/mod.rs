@@ -190,6 +190,11 @@ pub struct TrainConfig {
     /// one owner rank (gradients reduced to it, parameters broadcast from it), so each rank
     /// holds about 1/W of it. The same steps as off; checkpoints stay unsharded.
     pub shard_optimizer: bool,
+    /// With more than one rank on the MPI backend: all-reduce each bucket of gradients as soon
+    /// as the backward has finished them (head first, then the backbone from its last segment
+    /// to its first), while the backward of earlier layers goes on; the optimizer waits only
+    /// for what is still in flight. The same sums as off. See [`crate::train::overlap`].
+    pub overlap: bool,
     /// Write a resumable checkpoint every N optimizer steps (0 = at epoch ends only; one is
     /// always written at each epoch end, at the end of the run and on SIGTERM/SIGINT).
     pub checkpoint_every: u64,
@@ -222,6 +227,7 @@ impl Default for TrainConfig {
             empty_cache_every: 1,
             shard: ShardMode::Images,
             shard_optimizer: false,
+            overlap: true,
             checkpoint_every: 0,
             cudnn_benchmark: true,
             keep_checkpoints: 3,

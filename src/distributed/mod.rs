@@ -8,6 +8,7 @@
 
 mod error;
 pub mod mpi;
+mod mpi_background;
 pub mod nccl;
 pub mod peers;
 pub mod watchdog;
@@ -96,6 +97,22 @@ pub trait Communicator {
     /// [`Communicator::all_reduce_sum`]. The other ranks' tensors are left as they were (they
     /// only send): half an all-reduce, for a sharded optimizer whose `root` alone steps them.
     fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()>;
+    /// Whether [`Communicator::start_all_reduce_sum`] runs beside the caller (an MPI world with
+    /// a thread of its own for it); when false it sums at once and `--overlap` gains nothing.
+    fn overlaps(&self) -> bool {
+        false
+    }
+    /// Starts summing `tensors` over ranks, in place and bucketed as
+    /// [`Communicator::all_reduce_sum`], and returns while the sums are still in flight; the
+    /// tensors hold them after [`Communicator::finish_all_reduces`] and must not be written
+    /// before. Every rank starts the same tensors in the same order.
+    fn start_all_reduce_sum(&self, tensors: Vec<Tensor>) -> Result<()> {
+        self.all_reduce_sum(&tensors)
+    }
+    /// Waits for every all-reduce started since the last call and writes its sums in place.
+    fn finish_all_reduces(&self) -> Result<()> {
+        Ok(())
+    }
     /// Concatenates along dim 0 the `local` tensors of all ranks (rank order); `rows[r]` is the
     /// number of rows rank r contributes (sizes may differ by rank).
     fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor>;
@@ -203,13 +220,13 @@ pub(crate) fn per_bucket(
 }
 
 /// The flat concatenation of `tensors` (all of one kind).
-fn flat_cat(tensors: &[&Tensor]) -> Tensor {
+pub(crate) fn flat_cat(tensors: &[&Tensor]) -> Tensor {
     let parts: Vec<Tensor> = tensors.iter().map(|t| t.flatten(0, -1)).collect();
     Tensor::cat(&parts, 0)
 }
 
 /// Copies consecutive pieces of `flat` back into `tensors`.
-fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
+pub(crate) fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
     let mut offset = 0;
     for t in tensors {
         let n = t.numel() as i64;

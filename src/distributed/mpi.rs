@@ -5,17 +5,22 @@
 use anyhow::Result;
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
-use mpi::environment::Universe;
+use mpi::environment::{Threading, Universe};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 // rsmpi's trait has the same name as ours; bring its methods in under another name.
 use mpi::topology::Communicator as _;
 use tch::{Device, Kind, Tensor};
 
+use super::mpi_background::Background;
 use super::{per_bucket, ByteCounter, Communicator, DistError, World};
 
 pub struct MpiComm {
-    // Field order: the communicators are freed before the universe finalizes MPI.
+    // Field order: the reduction thread ends and the communicators are freed before the
+    // universe finalizes MPI.
+    /// The overlapped gradient all-reduces (None when MPI grants less than
+    /// `MPI_THREAD_MULTIPLE`: then they run at once, on this thread).
+    background: Option<Background>,
     world_comm: SimpleCommunicator,
     world: World,
     sent: ByteCounter,
@@ -24,10 +29,20 @@ pub struct MpiComm {
 
 impl MpiComm {
     /// Initialises MPI (once per process) and finds this rank's place, the local rank from a
-    /// shared-memory split of the world.
+    /// shared-memory split of the world. Asks for `MPI_THREAD_MULTIPLE`, which the overlapped
+    /// gradient all-reduce needs ([`super::mpi_background`]).
     pub fn init() -> Result<Self, DistError> {
-        let universe = mpi::initialize().ok_or(DistError::MpiInitialisedTwice)?;
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Multiple)
+            .ok_or(DistError::MpiInitialisedTwice)?;
         let world_comm = universe.world();
+        // Every rank of one MPI library gets the same level, so all or none duplicate.
+        let background = (threading == Threading::Multiple).then(|| Background::spawn(&world_comm));
+        if background.is_none() {
+            tracing::warn!(
+                "MPI grants {threading:?} threading, not Multiple: gradients are all-reduced \
+                 after the backward (no --overlap)"
+            );
+        }
         let node = world_comm.split_shared(world_comm.rank());
         let world = World {
             rank: world_comm.rank() as usize,
@@ -36,6 +51,7 @@ impl MpiComm {
             local_size: node.size() as usize,
         };
         Ok(Self {
+            background,
             world_comm,
             world,
             sent: ByteCounter::default(),
@@ -62,14 +78,14 @@ pub fn abort_world(code: i32) -> ! {
 }
 
 /// A tensor's values on the host, in the precision MPI carries them.
-enum Host {
+pub(super) enum Host {
     F32(Vec<f32>),
     F64(Vec<f64>),
 }
 
 impl Host {
     /// Collectives move floating-point tensors only (gradients, embeddings, weights, statistics).
-    fn from(t: &Tensor) -> Result<Self, DistError> {
+    pub(super) fn from(t: &Tensor) -> Result<Self, DistError> {
         match t.kind() {
             Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 => {}
             kind => {
@@ -90,14 +106,21 @@ impl Host {
         })
     }
 
-    fn zeros_like(&self, n: usize) -> Self {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Host::F32(v) => v.len(),
+            Host::F64(v) => v.len(),
+        }
+    }
+
+    pub(super) fn zeros_like(&self, n: usize) -> Self {
         match self {
             Host::F32(_) => Host::F32(vec![0.0; n]),
             Host::F64(_) => Host::F64(vec![0.0; n]),
         }
     }
 
-    fn tensor(&self, kind: Kind, device: Device) -> Tensor {
+    pub(super) fn tensor(&self, kind: Kind, device: Device) -> Tensor {
         match self {
             Host::F32(v) => Tensor::from_slice(v),
             Host::F64(v) => Tensor::from_slice(v),
@@ -146,6 +169,24 @@ impl Communicator for MpiComm {
             self.sent.add(&[flat]);
             Ok(recv.tensor(flat.kind(), flat.device()))
         })
+    }
+
+    fn overlaps(&self) -> bool {
+        self.background.is_some()
+    }
+
+    fn start_all_reduce_sum(&self, tensors: Vec<Tensor>) -> Result<()> {
+        match &self.background {
+            Some(b) => b.start(tensors, &self.sent),
+            None => self.all_reduce_sum(&tensors),
+        }
+    }
+
+    fn finish_all_reduces(&self) -> Result<()> {
+        match &self.background {
+            Some(b) => b.finish(),
+            None => Ok(()),
+        }
     }
 
     fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()> {

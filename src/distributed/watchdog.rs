@@ -32,7 +32,7 @@ use super::peers::{local_peers, Peer};
 use super::{AbortHandle, Communicator, World};
 
 /// The collectives, by the name the message gives.
-const NAMES: [&str; 7] = [
+const NAMES: [&str; 8] = [
     "all_reduce_sum",
     "all_gather_rows",
     "broadcast",
@@ -40,6 +40,7 @@ const NAMES: [&str; 7] = [
     "all_gather_f64",
     "barrier",
     "reduce_sum",
+    "all_reduce_sum (overlapped, waiting for it)",
 ];
 
 /// What the watched rank is doing, shared with the watchdog thread.
@@ -218,6 +219,15 @@ impl Communicator for Watched {
     }
     fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()> {
         self.timed(6, |c| c.reduce_sum(tensors, root))
+    }
+    fn overlaps(&self) -> bool {
+        self.inner.overlaps()
+    }
+    fn start_all_reduce_sum(&self, tensors: Vec<Tensor>) -> Result<()> {
+        self.timed(0, |c| c.start_all_reduce_sum(tensors))
+    }
+    fn finish_all_reduces(&self) -> Result<()> {
+        self.timed(7, |c| c.finish_all_reduces())
     }
     fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
         self.timed(1, |c| c.all_gather_rows(local, rows))

@@ -26,8 +26,13 @@ pub enum Phase {
     Head,
     /// Every backward: head, then backbone (recomputed chunks or segments when asked).
     Backward,
-    /// Gradient exchange between ranks.
+    /// Exchanges between ranks inside the step (embeddings, their gradients, parameters
+    /// broadcast by a sharded optimizer).
     Communication,
+    /// From the end of the backward to the optimizer: the parameter-gradient all-reduce (or
+    /// reduce to owners) still on the critical path — all of it without `--overlap`, what is
+    /// still in flight with it.
+    GradientSync,
     /// Unscale, optimizer step, cache clearing.
     Optimizer,
 }

@@ -311,6 +311,19 @@ impl FeatureNet {
         }
     }
 
+    /// The segment that holds the parameter or buffer `name` (its VarStore name under the
+    /// backbone's path: `trunk.2.C.weight`, `layer3.0.bn1.bias`, `conv1.weight`).
+    pub fn segment_of(&self, name: &str) -> Option<usize> {
+        let first = name.split('.').next()?;
+        match &self.net {
+            Net::Conv { .. } => name.strip_prefix("trunk.")?.split('.').next()?.parse().ok(),
+            Net::ResNet(_) => match first {
+                "conv1" | "bn1" => Some(0),
+                layer => layer.strip_prefix("layer")?.parse().ok(),
+            },
+        }
+    }
+
     /// Segment `i` of the backbone; folding all segments in order is [`Self::forward`].
     pub fn forward_segment(&self, i: usize, x: &Tensor, mode: BnMode) -> Tensor {
         match &self.net {

@@ -211,6 +211,14 @@ impl Trainer<'_> {
                 )
             })?;
         self.summary.steps += 1;
+        if self.summary.steps == 1 && self.plan.overlap && self.comm.world().size > 1 {
+            tracing::info!(
+                "--overlap: {} gradient group(s) of the first step were all-reduced during the \
+                 backward (0: not overlapped; that needs the MPI backend with \
+                 MPI_THREAD_MULTIPLE, --shard-optimizer off and fixed micro-steps)",
+                report.overlapped_groups
+            );
+        }
         if !report.stepped {
             tracing::warn!(
                 "step {}: inf/NaN gradients, step skipped; loss scale now {}",

@@ -14,6 +14,7 @@ mod finish;
 mod metrics;
 pub mod optim;
 pub mod optimizer_step;
+pub mod overlap;
 mod ownership;
 mod progress;
 pub mod run_folder;

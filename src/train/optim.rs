@@ -116,6 +116,14 @@ impl Optimizer {
         self.vars.iter().map(|(_, t)| t.shallow_clone()).collect()
     }
 
+    /// The variables with their VarStore names, in name order.
+    pub fn named_variables(&self) -> Vec<(String, Tensor)> {
+        self.vars
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
+    }
+
     /// Element counts of the variables, in name order (what [`super::zero`] balances).
     pub fn numels(&self) -> Vec<i64> {
         self.vars.iter().map(|(_, t)| t.numel() as i64).collect()

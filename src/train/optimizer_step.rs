@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use tch::{nn, Device, Tensor};
 
 use super::optim::Optimizer;
+use super::overlap::Overlap;
 use tracing::{info, warn};
 
 use super::amp::{AmpMode, Autocast, GradScaler};
@@ -37,6 +38,8 @@ pub struct StepPlan<'a> {
     /// Images in one episode.
     pub total_images: i64,
     pub empty_cache_every: u64,
+    /// `--overlap`: all-reduce gradient buckets during the backward ([`super::overlap`]).
+    pub overlap: bool,
 }
 
 impl<'a> StepPlan<'a> {
@@ -60,6 +63,7 @@ impl<'a> StepPlan<'a> {
             oom_above_bytes: None,
             total_images,
             empty_cache_every: c.train.empty_cache_every,
+            overlap: c.train.overlap,
         }
     }
 
@@ -115,6 +119,8 @@ pub type Reload<'a> = dyn Fn(&LoadedEpisode, Option<(usize, usize)>) -> Result<L
 pub struct StepReport {
     pub outcomes: Vec<StepOutcome>,
     pub stepped: bool,
+    /// Gradient groups all-reduced while the backward went on (0 without overlap).
+    pub overlapped_groups: usize,
 }
 
 /// What an optimizer step changes: the model's parameters (through `vs`), the optimizer's and
@@ -167,10 +173,23 @@ pub fn optimizer_step(
     } else {
         None
     };
+    let shards = opt.shards().filter(|_| world.size > 1).cloned();
+    // Gradients go to their owners only, unless the hook needs them all on this step.
+    let to_owners = shards.as_ref().filter(|_| !full_grads);
+    // Overlap all-reduces (reduce-to-owner is not overlapped), needs a communicator that runs
+    // beside the backward, and is off under dynamic micro-steps: an out-of-memory there redoes
+    // the step, which buckets already on the wire would not follow.
+    let overlapping = plan.overlap
+        && world.size > 1
+        && to_owners.is_none()
+        && !plan.dynamic
+        && plan.comm.overlaps();
+    let named = opt.named_variables();
+    let mut overlap = None;
     let outcomes = 'attempt: loop {
         opt.zero_grad();
         let mut outcomes = Vec::with_capacity(episodes.len());
-        for ep in &episodes {
+        for (e, ep) in episodes.iter().enumerate() {
             let round = (world.size > 1).then(|| bn_sync::snapshot(&bn));
             let x = ep.images.to_device(plan.device);
             let x = if x.dim() == 5 { x.flatten(0, 1) } else { x };
@@ -182,8 +201,18 @@ pub fn optimizer_step(
                 total_images: plan.total_images,
                 agree: plan.dynamic,
             };
+            if overlapping && e + 1 == episodes.len() {
+                overlap = Some(Overlap::new(plan.comm, model, &named));
+            }
             let autocast = plan.amp.autocast(plan.device)?;
-            let result = step::forward_backward(model, &x, opts, plan.episode_comm(), phases);
+            let result = step::forward_backward(
+                model,
+                &x,
+                opts,
+                plan.episode_comm(),
+                phases,
+                overlap.as_mut(),
+            );
             drop(autocast);
             match result {
                 Ok(o) => outcomes.push(o),
@@ -242,9 +271,6 @@ pub fn optimizer_step(
         }
     }
     let vars = opt.trainable_variables();
-    let shards = opt.shards().filter(|_| world.size > 1).cloned();
-    // Gradients go to their owners only, unless the hook needs them all on this step.
-    let to_owners = shards.as_ref().filter(|_| !full_grads);
     // What this rank checks for inf/NaN: its own variables when only the owners hold reduced
     // gradients (the others' here are partial sums), otherwise all.
     let owned: Vec<Tensor>;
@@ -259,12 +285,14 @@ pub fn optimizer_step(
         }
         None => &vars,
     };
+    let mut overlapped_groups = 0;
     if world.size > 1 {
-        phases.enter(Phase::Communication);
+        phases.enter(Phase::GradientSync);
         let grads = defined_grads(&vars);
-        match to_owners {
-            Some(own) => zero::reduce_to_owners(plan.comm, own, &grads)?,
-            None => plan.comm.all_reduce_sum(&grads)?,
+        match (to_owners, overlap) {
+            (Some(own), _) => zero::reduce_to_owners(plan.comm, own, &grads)?,
+            (None, Some(o)) => overlapped_groups = o.finish()?,
+            (None, None) => plan.comm.all_reduce_sum(&grads)?,
         }
         if plan.shard == ShardMode::Episodes {
             for g in &grads {
@@ -289,12 +317,16 @@ pub fn optimizer_step(
         phases.enter(Phase::Communication);
         zero::broadcast_from_owners(plan.comm, own, &vars)?;
     }
-    Ok(StepReport { outcomes, stepped })
+    Ok(StepReport {
+        outcomes,
+        stepped,
+        overlapped_groups,
+    })
 }
 
 /// Each variable's gradient, created as zeros where this rank's backward did not reach it (a
 /// rank with no queries of its own), so every rank all-reduces the same tensors.
-fn defined_grads(vars: &[Tensor]) -> Vec<Tensor> {
+pub(super) fn defined_grads(vars: &[Tensor]) -> Vec<Tensor> {
     let missing: Vec<&Tensor> = vars.iter().filter(|v| !v.grad().defined()).collect();
     if !missing.is_empty() {
         let zero = missing

@@ -21,6 +21,8 @@ use crate::memory::{Phase, PhaseSink};
 use crate::model::{self, BnMode, FewShotModel};
 use crate::oom::catch as guard_oom;
 
+use super::overlap::{Group, Overlap};
+
 /// `n` items in `g` contiguous groups whose sizes differ by at most one, larger groups first.
 pub fn balanced_groups(n: i64, g: i64) -> Vec<Range<i64>> {
     let g = g.clamp(1, n.max(1));
@@ -114,18 +116,30 @@ fn embed_groups(model: &FewShotModel, x: &Tensor, groups: &[Range<i64>]) -> Tens
 }
 
 /// Recomputes each group with grad and backpropagates its rows of `grad_emb` (dL/dE of `x`).
+/// With `overlap`, the last group's backward runs segment by segment and launches each
+/// segment's gradients once it is done: no later group adds to them.
 fn backward_groups(
     model: &FewShotModel,
     x: &Tensor,
     groups: &[Range<i64>],
     grad_emb: &Tensor,
     checkpoint: bool,
+    mut overlap: Option<&mut Overlap>,
 ) {
-    for r in groups {
+    for (k, r) in groups.iter().enumerate() {
         let chunk = x.narrow(0, r.start, r.end - r.start);
         let seed = grad_emb.narrow(0, r.start, r.end - r.start);
+        let last = k + 1 == groups.len();
+        let cut = last && overlap.is_some();
+        let mut done = |i: usize| {
+            if let (true, Some(o)) = (last, overlap.as_deref_mut()) {
+                o.ready(Group::Segment(i));
+            }
+        };
         if checkpoint {
-            backward_by_segments(model, &chunk, &seed);
+            backward_by_segments(model, &chunk, &seed, &mut done);
+        } else if cut {
+            SegmentGraph::forward(model, &chunk, BnMode::TrainNoStats).backward(&seed, &mut done);
         } else {
             let e = model.embed_t(&chunk, BnMode::TrainNoStats);
             let kind = e.kind();
@@ -144,13 +158,16 @@ fn backward_groups(
 /// Parameter gradients accumulate in `.grad`, left for the caller to all-reduce once per
 /// optimizer step. Alone with M = 1 and no checkpointing it is one plain graph and backward:
 /// no gather, no recompute. Phase boundaries go to `phases` (the memory profiler, or
-/// [`crate::memory::NoProfile`]).
+/// [`crate::memory::NoProfile`]). With `overlap` (the step's last episode under `--overlap`),
+/// each parameter group is handed to it as soon as its gradient is final: the head after the
+/// head's backward, then each backbone segment, last to first, in the last micro-step.
 pub fn forward_backward(
     model: &FewShotModel,
     x: &Tensor,
     opts: StepOptions,
     comm: &dyn Communicator,
     phases: &mut dyn PhaseSink,
+    mut overlap: Option<&mut Overlap>,
 ) -> Result<StepOutcome, StepError> {
     let (total, agree) = (opts.total_images, opts.agree);
     let world = comm.world();
@@ -177,15 +194,23 @@ pub fn forward_backward(
             (Ok(()), true) => Ok(()),
         }
     };
-    let fast = w == 1 && opts.micro_steps <= 1 && !opts.checkpoint;
+    let fast = w == 1 && opts.micro_steps <= 1 && !opts.checkpoint && overlap.is_none();
     let keep_graph = opts.micro_steps <= 1 && !opts.checkpoint;
+    // Overlap with one group and no checkpointing: the graph is cut at the segment boundaries
+    // so that its backward can go one segment at a time.
+    let mut cut: Option<SegmentGraph> = None;
 
     phases.enter(Phase::BackboneForward);
     let forward = guard_oom(|| {
         for g in &local {
             simulated_oom(x, g, opts.oom_above_bytes)?;
         }
-        Ok(if keep_graph {
+        Ok(if keep_graph && overlap.is_some() {
+            let graph = SegmentGraph::forward(model, x, BnMode::Train);
+            let e = graph.embedding(model);
+            cut = Some(graph);
+            e
+        } else if keep_graph {
             model.embed_t(x, BnMode::Train)
         } else {
             embed_groups(model, x, &local)
@@ -245,6 +270,9 @@ pub fn forward_backward(
         }
         Err(e) => return Err(sync(Err(e)).unwrap_err()),
     };
+    if let Some(o) = overlap.as_deref_mut() {
+        o.ready(Group::Head);
+    }
     // The step's one read to the host: loss and hits together.
     let hits = model::correct_on_device(&out.logits, n_query, queries.start);
     let both = Tensor::stack(
@@ -270,11 +298,25 @@ pub fn forward_backward(
         }
         let seed = grad.narrow(0, slice.start, slice.end - slice.start);
         let backward = guard_oom(|| {
-            if keep_graph {
+            if let Some(graph) = cut.take() {
+                let mut done = |i| {
+                    if let Some(o) = overlap.as_deref_mut() {
+                        o.ready(Group::Segment(i));
+                    }
+                };
+                graph.backward(&seed, &mut done);
+            } else if keep_graph {
                 let kind = emb_local.kind();
                 (&emb_local * &seed).sum(kind).backward();
             } else {
-                backward_groups(model, x, &local, &seed, opts.checkpoint);
+                backward_groups(
+                    model,
+                    x,
+                    &local,
+                    &seed,
+                    opts.checkpoint,
+                    overlap.as_deref_mut(),
+                );
             }
             Ok(())
         });
@@ -308,8 +350,13 @@ fn simulated_oom(x: &Tensor, g: &Range<i64>, limit: Option<u64>) -> Result<(), S
 /// Backpropagates `seed` = dL/d(embedding of `x`) through the backbone one segment at a time:
 /// a no-grad pass keeps each segment's input, then from the last segment back each one is
 /// recomputed with grad and backpropagated, its input gradient seeding the one before. Only
-/// one segment's activations are alive at a time.
-fn backward_by_segments(model: &FewShotModel, x: &Tensor, seed: &Tensor) {
+/// one segment's activations are alive at a time. `done(i)` follows segment i's backward.
+fn backward_by_segments(
+    model: &FewShotModel,
+    x: &Tensor,
+    seed: &Tensor,
+    done: &mut dyn FnMut(usize),
+) {
     let f = model.feature();
     let n = f.num_segments();
     let mut inputs = Vec::with_capacity(n);
@@ -330,8 +377,60 @@ fn backward_by_segments(model: &FewShotModel, x: &Tensor, seed: &Tensor) {
         let out = f.forward_segment(i, &input, BnMode::TrainNoStats);
         let kind = out.kind();
         (out * &seed).sum(kind).backward();
+        done(i);
         if i > 0 {
             seed = input.grad();
+        }
+    }
+}
+
+/// The backbone's forward with grad, cut at its segment boundaries: each segment's graph
+/// starts at a leaf copy of the previous segment's output, so the backward can run one segment
+/// at a time, from the last, and tell when each segment's parameters are final. The same
+/// operations and the same memory as one uncut graph, and the same gradients.
+struct SegmentGraph {
+    /// Segment i's input (the images for i = 0, else a leaf that requires grad).
+    inputs: Vec<Tensor>,
+    outputs: Vec<Tensor>,
+}
+
+impl SegmentGraph {
+    fn forward(model: &FewShotModel, x: &Tensor, mode: BnMode) -> Self {
+        let f = model.feature();
+        let n = f.num_segments();
+        let (mut inputs, mut outputs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut y = x.shallow_clone();
+        for i in 0..n {
+            let input = if i == 0 {
+                y
+            } else {
+                y.detach().set_requires_grad(true)
+            };
+            y = f.forward_segment(i, &input, mode);
+            inputs.push(input);
+            outputs.push(y.shallow_clone());
+        }
+        Self { inputs, outputs }
+    }
+
+    fn embedding(&self, model: &FewShotModel) -> Tensor {
+        model.maps_to_embedding(self.outputs.last().expect("a backbone has segments"))
+    }
+
+    /// Backpropagates `seed` = dL/d(embedding), segment by segment; `done(i)` follows segment
+    /// i's backward. Each segment's graph is freed after its backward.
+    fn backward(mut self, seed: &Tensor, done: &mut dyn FnMut(usize)) {
+        let last = self.outputs.last().expect("a backbone has segments");
+        let mut seed = seed.reshape(last.size());
+        for i in (0..self.outputs.len()).rev() {
+            let out = self.outputs.pop().expect("one output per segment");
+            let kind = out.kind();
+            (out * &seed).sum(kind).backward();
+            done(i);
+            let input = self.inputs.pop().expect("one input per segment");
+            if i > 0 {
+                seed = input.grad();
+            }
         }
     }
 }
