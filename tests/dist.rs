@@ -202,6 +202,80 @@ fn episodes_mode_equals_the_mean_of_the_single_process_episode_gradients() {
     assert!(err <= 1e-5, "gradient of {name} differs by {err:.2e}");
 }
 
+/// How many gradient groups rank 0 says it all-reduced during the first step's backward.
+fn overlapped_groups(out: &Output) -> usize {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stdout).lines())
+        .find(|l| l.contains("rank{r=0}") && l.contains("gradient all-reduce: "))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no 'gradient all-reduce:' line of rank 0 in the log:\n{err}"));
+    let after = line.split("gradient all-reduce: ").nth(1).unwrap();
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn overlapped_gradients_equal_the_all_reduce_after_the_backward() {
+    // --overlap on launches the head's and each backbone segment's all-reduce during the
+    // backward; the reduced gradients must be those of --overlap off (one all-reduce after the
+    // backward), per tensor to 1e-6, in both shard modes, with and without micro-steps. The
+    // other multi-rank tests (exactness against one process, the bit-identical resume) run
+    // with the default, overlap on.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path());
+    for (w, m, shard) in [
+        (2, 1, "images"),
+        (2, 2, "images"),
+        (4, 1, "images"),
+        (4, 2, "images"),
+        (2, 1, "episodes"),
+        (2, 2, "episodes"),
+        (4, 1, "episodes"),
+        (4, 2, "episodes"),
+    ] {
+        let run = |overlap: &str| {
+            let grads = dir
+                .path()
+                .join(format!("{shard}-w{w}m{m}-{overlap}.safetensors"));
+            let out = mpirun(
+                w,
+                &train_args(
+                    &ds,
+                    &dir.path().join(format!("{shard}-w{w}m{m}-{overlap}")),
+                    &[
+                        "--max-steps",
+                        "1",
+                        "--episodes-per-epoch",
+                        "8",
+                        "--shard",
+                        shard,
+                        "--gradient-accumulation-steps",
+                        &m.to_string(),
+                        "--overlap",
+                        overlap,
+                        "--dump-grads",
+                        grads.to_str().unwrap(),
+                    ],
+                ),
+            );
+            (read(&grads), overlapped_groups(&out))
+        };
+        let ((on, early), (off, none)) = (run("on"), run("off"));
+        // Conv4: the head and 4 segments, all launched before the backward ended.
+        assert_eq!(early, 5, "{shard} W={w} M={m}: groups overlapped");
+        assert_eq!(
+            none, 0,
+            "{shard} W={w} M={m}: nothing overlapped with --overlap off"
+        );
+        let (err, name) = worst_error(&on, &off);
+        assert!(
+            err <= 1e-6,
+            "{shard} W={w} M={m}: gradient of {name} differs by {err:.2e} with overlap"
+        );
+    }
+}
+
 #[test]
 fn parameters_are_identical_on_every_rank_after_three_steps() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,9 +4,10 @@
 mod common;
 use common::worst_grad_error;
 use fsct_dist::config::{Backbone, Method};
-use fsct_dist::distributed::Local;
+use fsct_dist::distributed::{AbortHandle, Communicator, Local, World};
 use fsct_dist::memory::NoProfile;
 use fsct_dist::model::{BnMode, FewShotModel, ModelConfig};
+use fsct_dist::train::overlap::Overlap;
 use fsct_dist::train::step::{balanced_groups, forward_backward, StepOptions, StepOutcome};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -265,4 +266,140 @@ fn episodes_per_step_averages_the_episode_gradients() {
             (&mine - g).norm().double_value(&[]) / g.norm().double_value(&[]).max(1e-3 * total);
         assert!(err <= 1e-5, "{name}: {err:.2e}");
     }
+}
+
+/// A world of one that keeps a copy of every tensor handed to
+/// [`Communicator::start_all_reduce_sum`], as it was at that moment.
+#[derive(Default)]
+struct Recorder {
+    started: std::cell::RefCell<Vec<Tensor>>,
+}
+
+impl Communicator for Recorder {
+    fn world(&self) -> World {
+        World::SINGLE
+    }
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+    fn overlaps(&self) -> bool {
+        true
+    }
+    fn start_all_reduce_sum(&self, tensors: Vec<Tensor>) -> anyhow::Result<()> {
+        let mut started = self.started.borrow_mut();
+        started.extend(tensors.iter().map(|t| t.copy()));
+        Ok(())
+    }
+    fn all_reduce_sum(&self, _: &[Tensor]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn reduce_sum(&self, _: &[Tensor], _: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn all_gather_rows(&self, local: &Tensor, _: &[i64]) -> anyhow::Result<Tensor> {
+        Ok(local.shallow_clone())
+    }
+    fn broadcast(&self, _: &[Tensor], _: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn all_reduce_f64(&self, _: &mut [f64]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn all_gather_f64(&self, values: &[f64]) -> anyhow::Result<Vec<f64>> {
+        Ok(values.to_vec())
+    }
+    fn barrier(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+    fn abort_handle(&self) -> AbortHandle {
+        Box::new(|code| std::process::exit(code))
+    }
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
+}
+
+#[test]
+fn overlap_launches_every_gradient_once_and_only_when_it_is_final() {
+    // Each group's gradients, copied when the step engine hands them to the all-reduce, must
+    // equal the gradients at the end of the step (nothing added after launch), every trainable
+    // tensor must be launched exactly once, and the gradients must equal those of the step
+    // without overlap (the graph cut at segment boundaries changes nothing).
+    for (backbone, size) in [(Backbone::Conv4, SIZE), (Backbone::FetiResNet10, 32)] {
+        let x = Tensor::randn(
+            [N_WAY * (K_SHOT + N_QUERY), 3, size, size],
+            (Kind::Float, Device::Cpu),
+        );
+        for (m, checkpoint) in [(1, false), (2, false), (1, true), (2, true)] {
+            let method = Method::FsctCosine;
+            let (vs_ref, reference) = build_with(method, backbone, size, 31);
+            let (vs, model) = twin(&vs_ref, method, backbone, size);
+            step_alone(&reference, &x, opts(m, checkpoint, 1.0));
+
+            let recorder = Recorder::default();
+            let mut named: Vec<(String, Tensor)> = vs
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut overlap = Overlap::new(&recorder, &model, &named);
+            let o = StepOptions {
+                total_images: x.size()[0],
+                ..opts(m, checkpoint, 1.0)
+            };
+            forward_backward(&model, &x, o, &Local, &mut NoProfile, Some(&mut overlap)).unwrap();
+            let segments = model.feature().num_segments();
+            assert_eq!(
+                overlap.finish().unwrap(),
+                1 + segments,
+                "{backbone:?} M={m} checkpoint={checkpoint}: the head and every segment go out during the backward"
+            );
+            let started = recorder.started.into_inner();
+            assert_eq!(started.len(), named.len(), "every gradient once");
+            for (copy, (name, var)) in started.iter().zip(launch_order(&model, &named)) {
+                assert!(
+                    copy.equal(&var.grad()),
+                    "{backbone:?} M={m} checkpoint={checkpoint}: {name} changed after it was launched"
+                );
+            }
+            let (err, name) = worst_grad_error(&vs, &vs_ref);
+            assert!(
+                err <= 1e-6,
+                "{backbone:?} M={m} checkpoint={checkpoint}: gradient of {name} differs by {err:.2e} with overlap"
+            );
+        }
+    }
+}
+
+/// The variables in the order the step engine launches them: the head, then the backbone's
+/// segments from the last to the first (the naive reading of the variable names).
+fn launch_order(model: &FewShotModel, named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    let segment = |name: &str| -> Option<usize> {
+        let rest = name.strip_prefix("feature.")?;
+        let first = rest.split('.').next().unwrap();
+        Some(match first {
+            "trunk" => rest.split('.').nth(1).unwrap().parse().unwrap(),
+            "conv1" | "bn1" => 0,
+            layer => layer.strip_prefix("layer").unwrap().parse().unwrap(),
+        })
+    };
+    let n = model.feature().num_segments();
+    let mut out: Vec<(String, Tensor)> = named
+        .iter()
+        .filter(|(n, _)| segment(n).is_none())
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    for i in (0..n).rev() {
+        out.extend(
+            named
+                .iter()
+                .filter(|(n, _)| segment(n) == Some(i))
+                .map(|(n, t)| (n.clone(), t.shallow_clone())),
+        );
+    }
+    out
 }

@@ -24,6 +24,9 @@ pub struct Measured {
     /// `--shard-optimizer` (absent in results written before it: off).
     #[serde(default)]
     pub shard_optimizer: bool,
+    /// `--overlap` (absent in results written before it: off).
+    #[serde(default)]
+    pub overlap: bool,
     pub micro_steps: i64,
     pub amp: AmpMode,
     pub checkpoint: bool,
@@ -169,6 +172,7 @@ pub fn measure_steps(
         ranks: world.size,
         shard: plan.shard,
         shard_optimizer: opt.shards().is_some(),
+        overlap: plan.overlap && world.size > 1 && comm.overlaps() && opt.shards().is_none(),
         micro_steps: plan.micro_steps,
         amp,
         checkpoint: plan.checkpoint,

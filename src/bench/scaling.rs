@@ -32,6 +32,9 @@ pub struct ScalingArgs {
     /// `--shard-optimizer` values to run (off, on: ZeRO stage 1).
     #[arg(long = "shard-optimizers", value_delimiter = ',', default_value = "off", value_parser = crate::config::parse_switch)]
     pub shard_optimizers: Vec<bool>,
+    /// `--overlap` values to run (on: gradient all-reduce during the backward; off: after it).
+    #[arg(long = "overlaps", value_delimiter = ',', default_value = "on", value_parser = crate::config::parse_switch)]
+    pub overlaps: Vec<bool>,
     /// Micro-steps per rank to run.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub micro: Vec<u64>,
@@ -57,11 +60,14 @@ pub struct Point {
     /// `--shard-optimizer` (absent in results written before it: off).
     #[serde(default)]
     pub shard_optimizer: bool,
+    /// `--overlap` (absent in results written before it: off, the only behaviour then).
+    #[serde(default)]
+    pub overlap: bool,
     pub micro_steps: i64,
     pub ranks: usize,
     pub step_seconds: f64,
     /// Median seconds per step of each phase (Data, BackboneForward, Head, Backward,
-    /// Communication, Optimizer).
+    /// Communication, GradientSync, Optimizer).
     pub phases: Vec<(Phase, f64)>,
     pub episodes_per_s: f64,
     pub images_per_s: f64,
@@ -74,12 +80,13 @@ pub struct Point {
     pub held_bytes: u64,
 }
 
-pub const PHASES: [Phase; 6] = [
+pub const PHASES: [Phase; 7] = [
     Phase::Data,
     Phase::BackboneForward,
     Phase::Head,
     Phase::Backward,
     Phase::Communication,
+    Phase::GradientSync,
     Phase::Optimizer,
 ];
 
@@ -90,6 +97,7 @@ impl Point {
         Point {
             shard: m.shard,
             shard_optimizer: m.shard_optimizer,
+            overlap: m.overlap,
             micro_steps: m.micro_steps,
             ranks: m.ranks,
             step_seconds: step,
@@ -136,13 +144,17 @@ pub fn run(args: &ScalingArgs) -> Result<ScalingResult> {
         for &zero in &args.shard_optimizers {
             for &micro in &args.micro {
                 for &w in &args.ranks {
-                    let setting = Setting {
-                        shard,
-                        zero,
-                        micro,
-                        w,
-                    };
-                    points.push(measure(args, &exe, &tmp, setting)?);
+                    // Side by side: each overlap value right after the other, at the same W.
+                    for &overlap in &args.overlaps {
+                        let setting = Setting {
+                            shard,
+                            zero,
+                            overlap,
+                            micro,
+                            w,
+                        };
+                        points.push(measure(args, &exe, &tmp, setting)?);
+                    }
                 }
             }
         }
@@ -170,6 +182,7 @@ pub fn run(args: &ScalingArgs) -> Result<ScalingResult> {
 struct Setting {
     shard: ShardMode,
     zero: bool,
+    overlap: bool,
     micro: u64,
     w: usize,
 }
@@ -179,11 +192,13 @@ fn measure(args: &ScalingArgs, exe: &Path, tmp: &Path, s: Setting) -> Result<Poi
     let Setting {
         shard,
         zero,
+        overlap,
         micro,
         w,
     } = s;
     let on_off = if zero { "on" } else { "off" };
-    let json = tmp.join(format!("{shard:?}-{on_off}-{micro}-{w}.json"));
+    let overlap = if overlap { "on" } else { "off" };
+    let json = tmp.join(format!("{shard:?}-{on_off}-{overlap}-{micro}-{w}.json"));
     let status = Command::new("bash")
         .arg(&args.launcher)
         .args(["-n", &w.to_string()])
@@ -192,6 +207,7 @@ fn measure(args: &ScalingArgs, exe: &Path, tmp: &Path, s: Setting) -> Result<Poi
         .args(&args.train_args)
         .args(["--shard", &format!("{shard:?}").to_lowercase()])
         .args(["--shard-optimizer", on_off])
+        .args(["--overlap", overlap])
         .args(["--gradient-accumulation-steps", &micro.to_string()])
         .args(["--warmup", &args.warmup.to_string()])
         .args(["--steps", &args.steps.to_string()])
@@ -201,7 +217,7 @@ fn measure(args: &ScalingArgs, exe: &Path, tmp: &Path, s: Setting) -> Result<Poi
         .with_context(|| format!("running {}", args.launcher.display()))?;
     if !status.success() {
         bail!(
-            "bench step with {w} ranks ({shard:?}, shard-optimizer {on_off}, M={micro}) failed: {status}"
+            "bench step with {w} ranks ({shard:?}, shard-optimizer {on_off}, overlap {overlap}, M={micro}) failed: {status}"
         );
     }
     let m: Measured = serde_json::from_slice(&std::fs::read(&json)?)
@@ -218,28 +234,23 @@ fn tempfile_dir() -> Result<PathBuf> {
 /// Fills `efficiency` against the W = 1 point of the same mode and micro-steps (and optimizer
 /// sharding when there is one: with one rank it changes nothing).
 pub fn with_efficiency(points: &mut [Point]) {
-    let base: Vec<(ShardMode, bool, i64, f64)> = points
-        .iter()
-        .filter(|p| p.ranks == 1)
-        .map(|p| (p.shard, p.shard_optimizer, p.micro_steps, p.episodes_per_s))
-        .collect();
+    let base: Vec<Point> = points.iter().filter(|p| p.ranks == 1).cloned().collect();
     for p in points.iter_mut() {
-        let same =
-            |&&(s, _, m, _): &&(ShardMode, bool, i64, f64)| s == p.shard && m == p.micro_steps;
+        let same = |b: &&Point| b.shard == p.shard && b.micro_steps == p.micro_steps;
         p.efficiency = base
             .iter()
             .filter(same)
-            .find(|b| b.1 == p.shard_optimizer)
+            .find(|b| b.shard_optimizer == p.shard_optimizer && b.overlap == p.overlap)
             .or_else(|| base.iter().find(same))
-            .map(|&(_, _, _, b)| p.episodes_per_s / (p.ranks as f64 * b));
+            .map(|b| p.episodes_per_s / (p.ranks as f64 * b.episodes_per_s));
     }
 }
 
 pub fn table(r: &ScalingResult) -> String {
     let mut s = format!(
         "# Scaling\n\nCommand: `{}`\nTraining flags: `{}`\nMachine: {}; date {}\n\n\
-         | shard | shard optimizer | M | W | step s | data | backbone fwd | head | backward | comm | optimizer | episodes/s | images/s | efficiency | MiB sent/step | MiB held |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | shard | shard optimizer | overlap | M | W | step s | data | backbone fwd | head | backward | comm | exposed grad comm | optimizer | episodes/s | images/s | efficiency | MiB sent/step | MiB held |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.command,
         r.train_args.join(" "),
         r.machine,
@@ -247,9 +258,10 @@ pub fn table(r: &ScalingResult) -> String {
     );
     for p in &r.points {
         s += &format!(
-            "| {:?} | {} | {} | {} | {:.3} | {} | {:.2} | {:.1} | {:.0}% | {:.1} | {:.1} |\n",
+            "| {:?} | {} | {} | {} | {} | {:.3} | {} | {:.2} | {:.1} | {:.0}% | {:.1} | {:.1} |\n",
             p.shard,
             if p.shard_optimizer { "on" } else { "off" },
+            if p.overlap { "on" } else { "off" },
             p.micro_steps,
             p.ranks,
             p.step_seconds,
@@ -267,8 +279,55 @@ pub fn table(r: &ScalingResult) -> String {
     }
     s += "\nPhase columns: median seconds per optimizer step on rank 0. Efficiency: \
           throughput(W) / (W · throughput(1)) of the same mode and M (strong scaling for \
-          `images`, weak for `episodes`). MiB sent: tensor bytes rank 0 put into collectives. MiB held: rank 0's memory at the \
+          `images`, weak for `episodes`). Exposed grad comm: from the end of the backward to the \
+          optimizer (the gradient all-reduce left on the critical path). MiB sent: tensor bytes \
+          rank 0 put into collectives. MiB held: rank 0's memory at the \
           start of a step (weights, gradients, optimizer state).\n";
+    s += &hidden_table(&r.points);
+    s
+}
+
+/// Exposed gradient communication with overlap off and on, side by side, for every multi-rank
+/// setting measured both ways, and the share of it the overlap hid.
+fn hidden_table(points: &[Point]) -> String {
+    let pairs: Vec<(&Point, &Point)> = points
+        .iter()
+        .filter(|p| p.ranks > 1 && !p.overlap)
+        .filter_map(|off| {
+            let on = points.iter().find(|p| {
+                p.overlap
+                    && (p.shard, p.shard_optimizer, p.micro_steps, p.ranks)
+                        == (off.shard, off.shard_optimizer, off.micro_steps, off.ranks)
+            })?;
+            Some((off, on))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let mut s = "\n## Overlap\n\n\
+                 | shard | shard optimizer | M | W | exposed off s | exposed on s | hidden | step off s | step on s | speed-up |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        .to_owned();
+    for (off, on) in pairs {
+        let (a, b) = (
+            off.phase(Phase::GradientSync),
+            on.phase(Phase::GradientSync),
+        );
+        s += &format!(
+            "| {:?} | {} | {} | {} | {a:.3} | {b:.3} | {:.0}% | {:.3} | {:.3} | {:.2}× |\n",
+            off.shard,
+            if off.shard_optimizer { "on" } else { "off" },
+            off.micro_steps,
+            off.ranks,
+            100.0 * (1.0 - b / a.max(1e-9)),
+            off.step_seconds,
+            on.step_seconds,
+            off.step_seconds / on.step_seconds.max(1e-9)
+        );
+    }
+    s += "\nHidden: 1 − exposed(on) / exposed(off), where exposed(off) is the whole all-reduce \
+          after the backward.\n";
     s
 }
 
@@ -305,18 +364,22 @@ pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
             .y_desc("episodes / s")
             .draw()
             .map_err(|x| e(&x))?;
-        let mut series: Vec<(ShardMode, i64, bool)> = r
-            .points
-            .iter()
-            .map(|p| (p.shard, p.micro_steps, p.shard_optimizer))
-            .collect();
-        series.dedup();
-        for (i, (shard, m, zero)) in series.iter().enumerate() {
+        let mut series: Vec<(ShardMode, i64, bool, bool)> = Vec::new();
+        for p in &r.points {
+            let key = (p.shard, p.micro_steps, p.shard_optimizer, p.overlap);
+            if !series.contains(&key) {
+                series.push(key);
+            }
+        }
+        for (i, (shard, m, zero, overlap)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             let pts: Vec<(f64, f64)> = r
                 .points
                 .iter()
-                .filter(|p| p.shard == *shard && p.micro_steps == *m && p.shard_optimizer == *zero)
+                .filter(|p| {
+                    (p.shard, p.micro_steps, p.shard_optimizer, p.overlap)
+                        == (*shard, *m, *zero, *overlap)
+                })
                 .map(|p| (p.ranks as f64, p.episodes_per_s))
                 .collect();
             if let Some(&(w1, e1)) = pts.iter().find(|p| p.0 == 1.0) {
@@ -331,8 +394,9 @@ pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
             c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(|x| e(&x))?
                 .label(format!(
-                    "{shard:?} M={m}{}",
-                    if *zero { " ZeRO-1" } else { "" }
+                    "{shard:?} M={m}{}{}",
+                    if *zero { " ZeRO-1" } else { "" },
+                    if *overlap { " overlap" } else { "" }
                 ))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
             c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
@@ -347,7 +411,7 @@ pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
             .iter()
             .map(|p| {
                 format!(
-                    "{} M{} W{}{}",
+                    "{} M{} W{}{}{}",
                     if p.shard == ShardMode::Images {
                         "img"
                     } else {
@@ -355,7 +419,8 @@ pub fn chart(r: &ScalingResult, path: &Path) -> Result<()> {
                     },
                     p.micro_steps,
                     p.ranks,
-                    if p.shard_optimizer { " Z" } else { "" }
+                    if p.shard_optimizer { " Z" } else { "" },
+                    if p.overlap { " O" } else { "" }
                 )
             })
             .collect();

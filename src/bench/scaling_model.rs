@@ -15,8 +15,16 @@
 //!   machine (this CPU box), a rank has C/W cores: s = W^(ln G / ln C) for W ≤ C and G·W/C
 //!   beyond, where G is the measured speed of C threads over one (`--thread-gain`; G = C would
 //!   be perfect threading, s = W).
-//! - with overlap, the gradient all-reduce hides behind the backbone backward:
-//!   exposed = max(0, all-reduce(G) − s·(2/3)·X/W) (images) or − s·(2/3)·X (episodes).
+//! - the gradient sync after the backward ([`GradSync`]): all of all-reduce(G) without overlap;
+//!   with `--overlap` it hides behind the backbone backward (the head's gradients go out when
+//!   the head's backward ends, the segments' while the backbone's goes on):
+//!   exposed = all-reduce(G) − min(all-reduce(G), η·s·(2/3)·X/W) (images; X without /W for
+//!   episodes), where η is the share of that window the all-reduce really runs in: fitted from
+//!   overlap off/on pairs of the measurements (on shared cores the reduction thread competes
+//!   with the backward for them), else `--overlap-share` (1 = a separate copy engine, as NCCL
+//!   on a side stream). ZeRO-1 (`--shard-optimizer on`) reduces and broadcasts the same bytes
+//!   as one all-reduce, after the backward (it is not overlapped), and steps 1/W of the
+//!   optimizer: s·O/W.
 
 use std::path::PathBuf;
 
@@ -122,6 +130,10 @@ pub struct ModelArgs {
     pub grad_bytes: Option<f64>,
     #[arg(long)]
     pub embedding_bytes: Option<f64>,
+    /// η, the share of the backbone backward the overlapped all-reduce runs in (0–1); default:
+    /// fitted from overlap off/on pairs of --from, else 1.
+    #[arg(long)]
+    pub overlap_share: Option<f64>,
     /// Markdown result (JSON and PNG beside it).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -139,6 +151,30 @@ pub struct Fit {
     pub images: i64,
     pub grad_bytes: f64,
     pub embedding_bytes: f64,
+    /// η: the share of the backbone backward the overlapped all-reduce runs in.
+    pub overlap_share: f64,
+}
+
+/// How the gradients are exchanged after (or during) the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum GradSync {
+    /// One all-reduce after the backward (`--overlap off`).
+    AfterBackward,
+    /// All-reduced during the backward (`--overlap on`).
+    Overlap,
+    /// ZeRO-1: reduced to owners and broadcast back after the backward, 1/W of the optimizer.
+    Zero1,
+}
+
+impl GradSync {
+    /// How a measured setting exchanged its gradients.
+    pub fn of(p: &Point) -> Self {
+        match (p.shard_optimizer, p.overlap) {
+            (true, _) => GradSync::Zero1,
+            (false, true) => GradSync::Overlap,
+            (false, false) => GradSync::AfterBackward,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -193,32 +229,32 @@ fn all_gather(l: &LinkParams, w: f64, bytes: f64) -> f64 {
 
 impl Fit {
     /// Predicted seconds per optimizer step on `w` ranks.
-    pub fn step_seconds(&self, w: usize, link: &LinkParams, m: Machine, overlap: bool) -> f64 {
+    pub fn step_seconds(&self, w: usize, link: &LinkParams, m: Machine, sync: GradSync) -> f64 {
         let wf = w as f64;
         let s = m.slowdown(w);
         let head = 3.0 * self.head;
         let grads = all_reduce(link, wf, self.grad_bytes);
+        let per_rank = match self.shard {
+            ShardMode::Images => wf,
+            ShardMode::Episodes => 1.0,
+        };
+        let window = s * self.backbone * 2.0 / 3.0 / per_rank;
+        let exposed = match sync {
+            GradSync::Overlap => grads - grads.min(self.overlap_share * window),
+            GradSync::AfterBackward | GradSync::Zero1 => grads,
+        };
+        let optimizer = match sync {
+            GradSync::Zero1 => s * self.optimizer / wf,
+            GradSync::AfterBackward | GradSync::Overlap => s * self.optimizer,
+        };
         match self.shard {
             ShardMode::Images => {
                 let work = s * (self.data + self.backbone + head) / wf;
                 let emb = self.images as f64 * self.embedding_bytes;
                 let comm_e = all_gather(link, wf, emb) + all_reduce(link, wf, emb);
-                let exposed = if overlap {
-                    (grads - s * self.backbone * 2.0 / 3.0 / wf).max(0.0)
-                } else {
-                    grads
-                };
-                work + s * self.optimizer + comm_e + exposed
+                work + optimizer + comm_e + exposed
             }
-            ShardMode::Episodes => {
-                let work = s * (self.data + self.backbone + head + self.optimizer);
-                let exposed = if overlap {
-                    (grads - s * self.backbone * 2.0 / 3.0).max(0.0)
-                } else {
-                    grads
-                };
-                work + exposed
-            }
+            ShardMode::Episodes => s * (self.data + self.backbone + head) + optimizer + exposed,
         }
     }
 
@@ -230,9 +266,9 @@ impl Fit {
         }
     }
 
-    pub fn efficiency(&self, w: usize, link: &LinkParams, m: Machine, overlap: bool) -> f64 {
-        let t1 = self.step_seconds(1, link, m, overlap);
-        let tw = self.step_seconds(w, link, m, overlap);
+    pub fn efficiency(&self, w: usize, link: &LinkParams, m: Machine, sync: GradSync) -> f64 {
+        let t1 = self.step_seconds(1, link, m, sync);
+        let tw = self.step_seconds(w, link, m, sync);
         (self.episodes(w) / tw) / (w as f64 * self.episodes(1) / t1)
     }
 }
@@ -256,10 +292,43 @@ fn bytes_from(points: &[Point]) -> (Option<f64>, Option<f64>) {
     (grads, emb)
 }
 
+/// η from every multi-rank setting measured with overlap off and on: the all-reduce time the
+/// overlap hid (exposed off − exposed on) over the backbone backward it could hide behind
+/// (the overlap-on point's backward phase less the head's 2H). The mean over the pairs, or None
+/// without pairs.
+pub fn fitted_overlap_share(points: &[Point]) -> Option<f64> {
+    let shares: Vec<f64> = points
+        .iter()
+        .filter(|on| on.ranks > 1 && on.overlap && !on.shard_optimizer)
+        .filter_map(|on| {
+            let off = points.iter().find(|p| {
+                !p.overlap
+                    && !p.shard_optimizer
+                    && (p.shard, p.micro_steps, p.ranks) == (on.shard, on.micro_steps, on.ranks)
+            })?;
+            let hidden = off.phase(Phase::GradientSync) - on.phase(Phase::GradientSync);
+            let window = on.phase(Phase::Backward) - 2.0 * on.phase(Phase::Head);
+            (window > 0.0).then(|| (hidden / window).clamp(0.0, 1.0))
+        })
+        .collect();
+    (!shares.is_empty()).then(|| shares.iter().sum::<f64>() / shares.len() as f64)
+}
+
 pub fn fits(r: &ScalingResult, args: &ModelArgs) -> Result<Vec<Fit>> {
     let (grads, emb) = bytes_from(&r.points);
+    let share = args
+        .overlap_share
+        .or_else(|| fitted_overlap_share(&r.points))
+        .unwrap_or(1.0);
     let mut out = Vec::new();
+    // One fit per (mode, M): the W = 1 point without optimizer sharding or overlap (with one
+    // rank they change nothing).
+    let mut seen = Vec::new();
     for p in r.points.iter().filter(|p| p.ranks == 1) {
+        if seen.contains(&(p.shard, p.micro_steps)) {
+            continue;
+        }
+        seen.push((p.shard, p.micro_steps));
         let head = p.phase(Phase::Head);
         let backbone = p.phase(Phase::BackboneForward) + p.phase(Phase::Backward) - 2.0 * head;
         let images = args.images.unwrap_or(p.images_per_episode);
@@ -278,6 +347,7 @@ pub fn fits(r: &ScalingResult, args: &ModelArgs) -> Result<Vec<Fit>> {
             images,
             grad_bytes: args.grad_bytes.or(grads).unwrap_or(0.0),
             embedding_bytes: args.embedding_bytes.or(emb).unwrap_or(0.0),
+            overlap_share: share,
         });
     }
     if out.is_empty() {
@@ -348,6 +418,7 @@ pub fn link_params(args: &ModelArgs, w: usize) -> Result<LinkParams> {
 #[derive(Debug, Serialize)]
 struct Check {
     shard: ShardMode,
+    sync: GradSync,
     micro_steps: i64,
     ranks: usize,
     measured_s: f64,
@@ -362,8 +433,10 @@ struct Prediction {
     ranks: usize,
     step_s: f64,
     step_s_overlap: f64,
+    step_s_zero1: f64,
     efficiency: f64,
     efficiency_overlap: f64,
+    efficiency_zero1: f64,
     episodes_per_s: f64,
 }
 
@@ -379,7 +452,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     };
     let mut text = format!(
         "# Scaling model\n\nCommand: `{}`\nFitted to: {} ({}; {})\nLink: {:?}; compute: {:?}\n\n\
-         ## Fitted terms (W = 1)\n\n| shard | M | data ms | backbone ms | head ms (fwd) | optimizer ms | images | grad MiB | embedding KiB/image |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         ## Fitted terms (W = 1)\n\n| shard | M | data ms | backbone ms | head ms (fwd) | optimizer ms | images | grad MiB | embedding KiB/image | overlap share η |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         command_line(),
         args.from.display(),
         r.machine,
@@ -389,7 +462,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     );
     for f in &fits {
         text += &format!(
-            "| {:?} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} |\n",
+            "| {:?} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.2} |\n",
             f.shard,
             f.micro_steps,
             f.data * 1e3,
@@ -398,7 +471,8 @@ pub fn run(args: &ModelArgs) -> Result<()> {
             f.optimizer * 1e3,
             f.images,
             f.grad_bytes / (1u64 << 20) as f64,
-            f.embedding_bytes / 1024.0
+            f.embedding_bytes / 1024.0,
+            f.overlap_share
         );
     }
     let mut checks = Vec::new();
@@ -407,9 +481,11 @@ pub fn run(args: &ModelArgs) -> Result<()> {
             .iter()
             .find(|f| f.shard == p.shard && f.micro_steps == p.micro_steps)
         {
-            let predicted = f.step_seconds(p.ranks, &link_params(args, p.ranks)?, machine, false);
+            let sync = GradSync::of(p);
+            let predicted = f.step_seconds(p.ranks, &link_params(args, p.ranks)?, machine, sync);
             checks.push(Check {
                 shard: p.shard,
+                sync,
                 micro_steps: p.micro_steps,
                 ranks: p.ranks,
                 measured_s: p.step_seconds,
@@ -419,11 +495,12 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         }
     }
     if !checks.is_empty() {
-        text += "\n## Check against the measurements (no overlap, as the trainer runs)\n\n| shard | M | W | measured s | predicted s | error |\n|---|---:|---:|---:|---:|---:|\n";
+        text += "\n## Check against the measurements (each as it ran)\n\n| shard | gradient sync | M | W | measured s | predicted s | error |\n|---|---|---:|---:|---:|---:|---:|\n";
         for c in &checks {
             text += &format!(
-                "| {:?} | {} | {} | {:.3} | {:.3} | {:+.0}% |\n",
+                "| {:?} | {:?} | {} | {} | {:.3} | {:.3} | {:+.0}% |\n",
                 c.shard,
+                c.sync,
                 c.micro_steps,
                 c.ranks,
                 c.measured_s,
@@ -437,31 +514,35 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     while w <= args.max_ranks {
         for f in &fits {
             let l = link_params(args, w)?;
-            let t = f.step_seconds(w, &l, machine, false);
+            let t = f.step_seconds(w, &l, machine, GradSync::AfterBackward);
             preds.push(Prediction {
                 shard: f.shard,
                 micro_steps: f.micro_steps,
                 ranks: w,
                 step_s: t,
-                step_s_overlap: f.step_seconds(w, &l, machine, true),
-                efficiency: f.efficiency(w, &l, machine, false),
-                efficiency_overlap: f.efficiency(w, &l, machine, true),
+                step_s_overlap: f.step_seconds(w, &l, machine, GradSync::Overlap),
+                step_s_zero1: f.step_seconds(w, &l, machine, GradSync::Zero1),
+                efficiency: f.efficiency(w, &l, machine, GradSync::AfterBackward),
+                efficiency_overlap: f.efficiency(w, &l, machine, GradSync::Overlap),
+                efficiency_zero1: f.efficiency(w, &l, machine, GradSync::Zero1),
                 episodes_per_s: f.episodes(w) / t,
             });
         }
         w *= 2;
     }
-    text += "\n## Predictions\n\n| shard | M | W | step ms | step ms (overlap) | efficiency | efficiency (overlap) | episodes/s |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    text += "\n## Predictions\n\n| shard | M | W | step ms | step ms (overlap) | step ms (ZeRO-1) | efficiency | efficiency (overlap) | efficiency (ZeRO-1) | episodes/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for p in &preds {
         text += &format!(
-            "| {:?} | {} | {} | {:.2} | {:.2} | {:.0}% | {:.0}% | {:.1} |\n",
+            "| {:?} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.0}% | {:.0}% | {:.1} |\n",
             p.shard,
             p.micro_steps,
             p.ranks,
             p.step_s * 1e3,
             p.step_s_overlap * 1e3,
+            p.step_s_zero1 * 1e3,
             100.0 * p.efficiency,
             100.0 * p.efficiency_overlap,
+            100.0 * p.efficiency_zero1,
             p.episodes_per_s
         );
     }
@@ -545,6 +626,7 @@ mod tests {
             images: 100,
             grad_bytes: 0.0,
             embedding_bytes: 0.0,
+            overlap_share: 1.0,
         }
     }
 
@@ -557,7 +639,10 @@ mod tests {
         };
         for shard in [ShardMode::Images, ShardMode::Episodes] {
             let f = fit(shard);
-            assert!((f.efficiency(8, &l, Machine::per_rank(), false) - 1.0).abs() < 1e-12);
+            assert!(
+                (f.efficiency(8, &l, Machine::per_rank(), GradSync::AfterBackward) - 1.0).abs()
+                    < 1e-12
+            );
             assert!(
                 (f.efficiency(
                     8,
@@ -567,7 +652,7 @@ mod tests {
                         cores: 1,
                         gain: 1.0
                     },
-                    false
+                    GradSync::AfterBackward
                 ) - 0.125)
                     .abs()
                     < 1e-12
@@ -623,7 +708,43 @@ mod tests {
         let mut f = fit(ShardMode::Episodes);
         f.grad_bytes = 1e9;
         // Overlap hides up to 2/3 of the backbone time (1 s) behind the 1.5 s all-reduce.
-        let t = f.step_seconds(4, &l, Machine::per_rank(), true);
+        let t = f.step_seconds(4, &l, Machine::per_rank(), GradSync::Overlap);
         assert!((t - (1.0 + 1.5 + 6e-5 - 2.0 / 3.0)).abs() < 1e-9);
+        // η = 0.5: only half of that window.
+        f.overlap_share = 0.5;
+        let t = f.step_seconds(4, &l, Machine::per_rank(), GradSync::Overlap);
+        assert!((t - (1.0 + 1.5 + 6e-5 - 1.0 / 3.0)).abs() < 1e-9);
+        // ZeRO-1: the same bytes, not overlapped, a quarter of the optimizer.
+        f.optimizer = 0.4;
+        let t = f.step_seconds(4, &l, Machine::per_rank(), GradSync::Zero1);
+        assert!((t - (1.0 + 0.1 + 1.5 + 6e-5)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_overlap_share_is_the_hidden_time_over_the_backbone_backward() {
+        let point = |overlap: bool, sync: f64| Point {
+            shard: ShardMode::Images,
+            shard_optimizer: false,
+            overlap,
+            micro_steps: 1,
+            ranks: 2,
+            step_seconds: 1.0,
+            phases: vec![
+                (Phase::Head, 0.05),
+                (Phase::Backward, 0.5),
+                (Phase::GradientSync, sync),
+            ],
+            episodes_per_s: 1.0,
+            images_per_s: 1.0,
+            efficiency: None,
+            bytes_sent_per_step: 0.0,
+            images_per_episode: 15,
+            episodes_per_step: 1,
+            held_bytes: 0,
+        };
+        // 0.2 s exposed without overlap, 0.04 s with: 0.16 s hidden behind 0.5 − 0.1 s.
+        let pts = [point(false, 0.2), point(true, 0.04)];
+        assert!((fitted_overlap_share(&pts).unwrap() - 0.4).abs() < 1e-12);
+        assert!(fitted_overlap_share(&pts[..1]).is_none());
     }
 }

@@ -211,12 +211,13 @@ impl Trainer<'_> {
                 )
             })?;
         self.summary.steps += 1;
-        if self.summary.steps == 1 && self.plan.overlap && self.comm.world().size > 1 {
+        if self.summary.steps == 1 && self.comm.world().size > 1 {
             tracing::info!(
-                "--overlap: {} gradient group(s) of the first step were all-reduced during the \
-                 backward (0: not overlapped; that needs the MPI backend with \
-                 MPI_THREAD_MULTIPLE, --shard-optimizer off and fixed micro-steps)",
-                report.overlapped_groups
+                "gradient all-reduce: {} group(s) of the first step went out during the backward \
+                 (--overlap {}; overlapping needs the MPI backend with MPI_THREAD_MULTIPLE, \
+                 --shard-optimizer off and fixed micro-steps)",
+                report.overlapped_groups,
+                if self.plan.overlap { "on" } else { "off" }
             );
         }
         if !report.stepped {
