@@ -144,8 +144,14 @@ pub fn run(args: &ScalingArgs) -> Result<ScalingResult> {
         for &zero in &args.shard_optimizers {
             for &micro in &args.micro {
                 for &w in &args.ranks {
-                    // Side by side: each overlap value right after the other, at the same W.
-                    for &overlap in &args.overlaps {
+                    // Side by side: each overlap value right after the other, at the same W
+                    // (one rank has nothing to overlap: it runs once).
+                    let overlaps = if w == 1 {
+                        &args.overlaps[..args.overlaps.len().min(1)]
+                    } else {
+                        &args.overlaps[..]
+                    };
+                    for &overlap in overlaps {
                         let setting = Setting {
                             shard,
                             zero,

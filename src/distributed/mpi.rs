@@ -86,6 +86,17 @@ pub(super) enum Host {
 impl Host {
     /// Collectives move floating-point tensors only (gradients, embeddings, weights, statistics).
     pub(super) fn from(t: &Tensor) -> Result<Self, DistError> {
+        let mut host = if t.kind() == Kind::Double {
+            Host::F64(vec![0.0; t.numel()])
+        } else {
+            Host::F32(vec![0.0; t.numel()])
+        };
+        host.fill_from(t)?;
+        Ok(host)
+    }
+
+    /// Overwrites this buffer (of `t`'s length and precision) with `t`'s values.
+    pub(super) fn fill_from(&mut self, t: &Tensor) -> Result<(), DistError> {
         match t.kind() {
             Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 => {}
             kind => {
@@ -96,14 +107,19 @@ impl Host {
             }
         }
         let flat = t.flatten(0, -1).to_device(Device::Cpu);
-        let copied = if t.kind() == Kind::Double {
-            Vec::try_from(&flat).map(Host::F64)
-        } else {
-            Vec::try_from(&flat.to_kind(Kind::Float)).map(Host::F32)
+        let n = flat.numel();
+        let copied = match self {
+            Host::F64(v) => flat.f_copy_data(v, n),
+            Host::F32(v) => flat.to_kind(Kind::Float).f_copy_data(v, n),
         };
         copied.map_err(|e| DistError::HostCopy {
             cause: e.to_string(),
         })
+    }
+
+    /// Whether this buffer can carry `t`: the same length and precision.
+    pub(super) fn fits(&self, t: &Tensor) -> bool {
+        self.len() == t.numel() && matches!(self, Host::F64(_)) == (t.kind() == Kind::Double)
     }
 
     pub(super) fn len(&self) -> usize {

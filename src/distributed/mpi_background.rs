@@ -10,7 +10,9 @@
 //!
 //! The thread touches host buffers only, never libtorch: the main thread flattens each bucket
 //! to the host when it starts ([`Background::start`]) and copies the sums back when it finishes
-//! ([`Background::finish`]), so the two threads never share a tensor.
+//! ([`Background::finish`]), so the two threads never share a tensor. The buffers are kept
+//! from one step to the next (every step has the same buckets): after the first step nothing
+//! is allocated, and memory does not drift between the two threads' allocator arenas.
 
 use std::cell::RefCell;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -46,10 +48,18 @@ struct InFlight {
     device: Device,
 }
 
+/// A bucket's values to send, and the buffer its sums come back in.
+struct Job {
+    send: Host,
+    sum: Host,
+}
+
 pub struct Background {
-    jobs: Option<Sender<Host>>,
-    sums: Receiver<Host>,
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Job>,
     in_flight: RefCell<Vec<InFlight>>,
+    /// Buffers of finished buckets, for the next step's.
+    free: RefCell<Vec<Host>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -58,15 +68,15 @@ impl Background {
     /// reduction thread. Only call under `MPI_THREAD_MULTIPLE`.
     pub fn spawn(world: &SimpleCommunicator) -> Self {
         let comm = Owned(world.duplicate());
-        let (jobs, job_rx) = channel::<Host>();
-        let (sum_tx, sums) = channel::<Host>();
+        let (jobs, job_rx) = channel::<Job>();
+        let (done_tx, done) = channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("gradient-all-reduce".into())
             .spawn(move || {
                 let comm = comm.into_inner();
-                for send in job_rx {
-                    let sum = all_reduce(&comm, &send);
-                    if sum_tx.send(sum).is_err() {
+                for mut job in job_rx {
+                    all_reduce(&comm, &job.send, &mut job.sum);
+                    if done_tx.send(job).is_err() {
                         break;
                     }
                 }
@@ -75,10 +85,24 @@ impl Background {
             .expect("spawning the gradient all-reduce thread");
         Self {
             jobs: Some(jobs),
-            sums,
+            done,
             in_flight: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
             thread: Some(thread),
         }
+    }
+
+    /// A kept buffer that fits `t`, or a new one; holding `t`'s values when `fill`.
+    fn buffer(&self, t: &Tensor, fill: bool) -> Result<Host> {
+        let mut free = self.free.borrow_mut();
+        let mut host = match free.iter().position(|h| h.fits(t)) {
+            Some(i) => free.swap_remove(i),
+            None => return Ok(Host::from(t)?),
+        };
+        if fill {
+            host.fill_from(t)?;
+        }
+        Ok(host)
     }
 
     /// Copies each bucket of `tensors` to the host and queues it for the thread.
@@ -89,7 +113,11 @@ impl Background {
             let refs: Vec<&Tensor> = group.iter().collect();
             let flat = flat_cat(&refs);
             sent.add(&[&flat]);
-            jobs.send(Host::from(&flat)?)
+            let job = Job {
+                send: self.buffer(&flat, true)?,
+                sum: self.buffer(&flat, false)?,
+            };
+            jobs.send(job)
                 .map_err(|_| anyhow!("the gradient all-reduce thread has ended"))?;
             self.in_flight.borrow_mut().push(InFlight {
                 tensors: group,
@@ -103,12 +131,13 @@ impl Background {
     /// Waits for every queued bucket, in order, and writes its sums into its tensors.
     pub fn finish(&self) -> Result<()> {
         for bucket in self.in_flight.borrow_mut().drain(..) {
-            let sum = self
-                .sums
+            let job = self
+                .done
                 .recv()
                 .map_err(|_| anyhow!("the gradient all-reduce thread has ended"))?;
             let refs: Vec<&Tensor> = bucket.tensors.iter().collect();
-            scatter_back(&sum.tensor(bucket.kind, bucket.device), &refs);
+            scatter_back(&job.sum.tensor(bucket.kind, bucket.device), &refs);
+            self.free.borrow_mut().extend([job.send, job.sum]);
         }
         Ok(())
     }
@@ -123,16 +152,14 @@ impl Drop for Background {
     }
 }
 
-fn all_reduce(comm: &SimpleCommunicator, send: &Host) -> Host {
-    let mut recv = send.zeros_like(send.len());
-    match (send, &mut recv) {
+fn all_reduce(comm: &SimpleCommunicator, send: &Host, recv: &mut Host) {
+    match (send, recv) {
         (Host::F32(s), Host::F32(r)) => {
             comm.all_reduce_into(&s[..], &mut r[..], SystemOperation::sum())
         }
         (Host::F64(s), Host::F64(r)) => {
             comm.all_reduce_into(&s[..], &mut r[..], SystemOperation::sum())
         }
-        _ => unreachable!("zeros_like keeps the precision"),
+        _ => unreachable!("a bucket's two buffers have its precision"),
     }
-    recv
 }
