@@ -45,6 +45,9 @@ fn ours(case: &Case, steps: usize) -> Vec<f64> {
         case.size,
     );
     let model = FewShotModel::new(&vs.root(), &cfg).expect("model");
+    if std::env::var("FSCT_BENCH_NCHW").is_err() {
+        fsct_dist::model::use_channels_last(&vs); // as `train` does (--channels-last on)
+    }
     let mut opt = nn::adamw(0.9, 0.999, 1e-5)
         .build(&vs, 1e-3)
         .expect("optimizer");

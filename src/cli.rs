@@ -219,6 +219,10 @@ pub struct RunArgs {
     /// final; off: all of them after the backward. The same sums either way.
     #[arg(long, value_parser = crate::config::parse_switch)]
     pub overlap: Option<bool>,
+    /// on (default): convolution weights and activations channels-last (faster on oneDNN and
+    /// cuDNN, the same values); off: NCHW, as the official code.
+    #[arg(long = "channels-last", alias = "channels_last", value_parser = crate::config::parse_switch)]
+    pub channels_last: Option<bool>,
     /// Collective backend between ranks: auto (NCCL on CUDA, else MPI), nccl or mpi.
     #[arg(long, value_enum)]
     pub comm: Option<crate::config::CommKind>,
@@ -359,6 +363,7 @@ impl RunArgs {
         set(&mut c.train.shard, &self.shard);
         set(&mut c.train.shard_optimizer, &self.shard_optimizer);
         set(&mut c.train.overlap, &self.overlap);
+        set(&mut c.train.channels_last, &self.channels_last);
         set(&mut c.train.checkpoint_every, &self.checkpoint_every);
         set(&mut c.train.keep_checkpoints, &self.keep_checkpoints);
         set(&mut c.run.comm, &self.comm);

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use tch::nn::VarStore;
+use tch::Tensor;
 
 /// The temp name used while `path` is being written: same folder (so rename is atomic), and the
 /// same extension (VarStore picks the format from it).
@@ -73,7 +74,18 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 
 /// Saves every variable (parameters and BatchNorm buffers) as safetensors, loadable from Python.
 pub fn save_weights(vs: &VarStore, path: &Path) -> Result<()> {
-    write_atomic_with(path, |tmp| Ok(vs.save(tmp)?))
+    let named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    write_atomic_with(path, |tmp| write_tensors(&named, tmp))
+}
+
+/// Writes named tensors as safetensors, each in the contiguous (row-major) layout the format
+/// stores: channels-last weights (`--channels-last`) are copied to it, others written as they are.
+pub fn write_tensors(named: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let contiguous: Vec<(&str, Tensor)> = named
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.contiguous()))
+        .collect();
+    Ok(Tensor::write_safetensors(&contiguous, path)?)
 }
 
 /// Creates the run folder and checks it is writable before any work is done.

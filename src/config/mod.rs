@@ -195,6 +195,10 @@ pub struct TrainConfig {
     /// to its first), while the backward of earlier layers goes on; the optimizer waits only
     /// for what is still in flight. The same sums as off. See [`crate::train::overlap`].
     pub overlap: bool,
+    /// Keep the convolution weights (and so the backbone's activations) channels-last: the
+    /// layout oneDNN and cuDNN run fastest; the same values. Checkpoints and weight files are
+    /// written in the usual contiguous layout either way.
+    pub channels_last: bool,
     /// Write a resumable checkpoint every N optimizer steps (0 = at epoch ends only; one is
     /// always written at each epoch end, at the end of the run and on SIGTERM/SIGINT).
     pub checkpoint_every: u64,
@@ -228,6 +232,7 @@ impl Default for TrainConfig {
             shard: ShardMode::Images,
             shard_optimizer: false,
             overlap: true,
+            channels_last: true,
             checkpoint_every: 0,
             cudnn_benchmark: true,
             keep_checkpoints: 3,

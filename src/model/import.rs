@@ -421,6 +421,22 @@ pub fn load_official(vs: &mut nn::VarStore, path: &Path) -> Result<LoadReport, M
     )
 }
 
+/// Gives every 4-D variable (the convolution weights) channels-last strides in place, so that
+/// the backbone runs channels-last ([`super::layers::channels_last`]). Loading weights later
+/// (`copy_`) keeps the layout; files are written contiguous ([`crate::files::write_tensors`]).
+/// Returns how many tensors changed.
+pub fn use_channels_last(vs: &nn::VarStore) -> usize {
+    let mut n = 0;
+    for (_, t) in vs.variables() {
+        if t.dim() == 4 {
+            let mut v = t.shallow_clone();
+            v.set_data(&super::layers::channels_last(&t));
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Stops gradient tracking for every backbone variable (`feature.*`), so the optimizer never
 /// updates them (tch/libtorch optimizers skip parameters without a gradient). Returns how many
 /// tensors were frozen. BatchNorm still follows the `train` flag given to `embed`.

@@ -37,7 +37,8 @@ pub use error::ModelError;
 pub use error::ShapeDiff;
 pub use fsct::{AttnVariant, Fp32Modules, FsctDims, FsctHead};
 pub use import::{
-    freeze_backbone, load_checked, load_official, read_safetensors_metadata, LoadReport,
+    freeze_backbone, load_checked, load_official, read_safetensors_metadata, use_channels_last,
+    LoadReport,
     WeightsSource,
 };
 pub use layers::BnMode;

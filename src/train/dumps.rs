@@ -72,5 +72,5 @@ pub fn save_grads(vs: &VarStore, path: &Path) -> Result<()> {
         .into_iter()
         .filter_map(|(name, t)| Some(name).zip(Some(t.grad()).filter(|g| g.defined())))
         .collect();
-    files::write_atomic_with(path, |tmp| Ok(tch::Tensor::write_safetensors(&grads, tmp)?))
+    files::write_atomic_with(path, |tmp| files::write_tensors(&grads, tmp))
 }

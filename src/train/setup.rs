@@ -84,6 +84,9 @@ pub fn build_on(r: &Resolved, device: tch::Device) -> Result<Built> {
     if c.model.freeze_backbone {
         model::freeze_backbone(&vs);
     }
+    if c.train.channels_last {
+        model::use_channels_last(&vs);
+    }
     Ok(Built {
         vs,
         model,

@@ -117,8 +117,9 @@ pub fn save(
     let _ = fs::remove_dir_all(&tmp);
     let written = (|| -> Result<()> {
         fs::create_dir_all(&tmp)?;
-        vs.save(tmp.join(MODEL))?;
-        Tensor::write_safetensors(optimizer, tmp.join(OPTIMIZER))?;
+        let model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        crate::files::write_tensors(&model, &tmp.join(MODEL))?;
+        crate::files::write_tensors(optimizer, &tmp.join(OPTIMIZER))?;
         let mut text = serde_json::to_string_pretty(state)?;
         text.push('\n');
         fs::write(tmp.join(STATE), text)?;
