@@ -7,7 +7,8 @@
 //! official code) always, and bench/train_step_official.py (the official classes themselves)
 //! when FSCT_OFFICIAL_REPO names a checkout of vinuni-vishc/Few-Shot-Cosine-Transformer. Ours
 //! and the comparators alternate, twice, so all see the same machine load; medians over all
-//! measured steps.
+//! measured steps. Ours runs twice per round, channels-last (as `train`) and NCHW, so the
+//! lever's gain is measured side by side too.
 //!
 //! Run: `FSCT_OFFICIAL_REPO=/path/to/checkout cargo bench --bench train_step`. Python:
 //! FSCT_TORCH_PYTHON, default `.venv-torch/bin/python` (make it with `python3 -m venv .venv-torch
@@ -33,7 +34,9 @@ const WAY: i64 = 5;
 const SHOT: i64 = 5;
 const QUERY: i64 = 16;
 
-fn ours(case: &Case, steps: usize) -> Vec<f64> {
+/// Our step; `channels_last` as `train --channels-last on` (the default) or off (NCHW, the
+/// layout of the official code).
+fn ours(case: &Case, steps: usize, channels_last: bool) -> Vec<f64> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let cfg = ModelConfig::new(
@@ -45,8 +48,8 @@ fn ours(case: &Case, steps: usize) -> Vec<f64> {
         case.size,
     );
     let model = FewShotModel::new(&vs.root(), &cfg).expect("model");
-    if std::env::var("FSCT_BENCH_NCHW").is_err() {
-        fsct_dist::model::use_channels_last(&vs); // as `train` does (--channels-last on)
+    if channels_last {
+        fsct_dist::model::use_channels_last(&vs);
     }
     let mut opt = nn::adamw(0.9, 0.999, 1e-5)
         .build(&vs, 1e-3)
@@ -155,14 +158,17 @@ fn main() {
     ];
     let rounds = if quick { 1 } else { 2 };
     let mut rows = Vec::new();
+    let mut lever_rows = Vec::new();
     let mut torch_version = String::from("?");
     for case in &cases {
         let sides = comparators(case, threads, official.as_deref());
         let mut ours_s = Vec::new();
+        let mut ours_nchw = Vec::new();
         let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
         for _ in 0..rounds {
             // Alternate ours and each comparator within a round: all see the same machine load.
-            ours_s.extend(ours(case, case.steps));
+            ours_s.extend(ours(case, case.steps, true));
+            ours_nchw.extend(ours(case, case.steps, false));
             for ((label, script, args), times) in sides.iter().zip(theirs.iter_mut()) {
                 match python_steps(&python, script, args) {
                     Ok((t, v)) => {
@@ -176,6 +182,13 @@ fn main() {
             }
         }
         let ma = median_or_nan(&ours_s);
+        let mn = median_or_nan(&ours_nchw);
+        lever_rows.push(format!(
+            "| {} {} px | channels-last (`--channels-last on`, the default) | {mn:.3} | {ma:.3} | {:.2} |",
+            case.name,
+            case.size,
+            mn / ma
+        ));
         for ((label, _, _), times) in sides.iter().zip(&theirs) {
             let mb = median_or_nan(times);
             let row = format!(
@@ -212,7 +225,9 @@ fn main() {
          One step = forward + cross-entropy + backward + AdamW on a random episode (FSCT_cosine, official head).\n\
          Medians over {rounds} alternating rounds (one warm-up step each). Ratio > 1: fsct-dist is faster.\n\n\
          | case | compared with | fsct-dist s/step | PyTorch s/step | ratio PyTorch/ours | steps measured (ours / PyTorch) |\n\
-         |---|---|---|---|---|---|\n{}\n",
+         |---|---|---|---|---|---|\n{}\n\n\
+         Levers, fsct-dist against itself in the same rounds:\n\n\
+         | case | lever | without s/step | with s/step | gain |\n|---|---|---|---|---|\n{}\n",
         [
             (official.is_some(), "FSCT_OFFICIAL_REPO=<checkout> "),
             (quick, "FSCT_BENCH_QUICK=1 "),
@@ -220,7 +235,8 @@ fn main() {
         .iter()
         .filter_map(|&(on, env)| on.then_some(env))
         .collect::<String>(),
-        rows.join("\n")
+        rows.join("\n"),
+        lever_rows.join("\n")
     );
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results");
     let _ = std::fs::create_dir_all(dir);
