@@ -18,13 +18,13 @@
 //! - the gradient sync after the backward ([`GradSync`]): all of all-reduce(G) without overlap;
 //!   with `--overlap` it hides behind the backbone backward (the head's gradients go out when
 //!   the head's backward ends, the segments' while the backbone's goes on):
-//!   exposed = all-reduce(G) − min(all-reduce(G), η·s·(2/3)·X/W) (images; X without /W for
-//!   episodes), where η is the share of that window the all-reduce really runs in: fitted from
-//!   overlap off/on pairs of the measurements (on shared cores the reduction thread competes
-//!   with the backward for them), else `--overlap-share` (1 = a separate copy engine, as NCCL
-//!   on a side stream). ZeRO-1 (`--shard-optimizer on`) reduces and broadcasts the same bytes
-//!   as one all-reduce, after the backward (it is not overlapped), and steps 1/W of the
-//!   optimizer: s·O/W.
+//!   exposed = all-reduce(G) − min(h·all-reduce(G), s·(2/3)·X/W) (images; X without /W for
+//!   episodes). h is the share the overlap hides when the backward is long enough: never all,
+//!   since the first segment's bucket is final only when the backward ends and the sums are
+//!   copied back after it. It is fitted from overlap off/on pairs of the measurements (the mean
+//!   of 1 − exposed(on)/exposed(off)), else `--overlap-hidden`, else 1. ZeRO-1
+//!   (`--shard-optimizer on`) reduces and broadcasts the same bytes as one all-reduce, after the
+//!   backward (it is not overlapped), and steps 1/W of the optimizer: s·O/W.
 
 use std::path::PathBuf;
 
@@ -130,10 +130,10 @@ pub struct ModelArgs {
     pub grad_bytes: Option<f64>,
     #[arg(long)]
     pub embedding_bytes: Option<f64>,
-    /// η, the share of the backbone backward the overlapped all-reduce runs in (0–1); default:
-    /// fitted from overlap off/on pairs of --from, else 1.
+    /// h, the share of the gradient all-reduce `--overlap` hides when the backward is long
+    /// enough (0–1); default: fitted from overlap off/on pairs of --from, else 1.
     #[arg(long)]
-    pub overlap_share: Option<f64>,
+    pub overlap_hidden: Option<f64>,
     /// Markdown result (JSON and PNG beside it).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -151,8 +151,8 @@ pub struct Fit {
     pub images: i64,
     pub grad_bytes: f64,
     pub embedding_bytes: f64,
-    /// η: the share of the backbone backward the overlapped all-reduce runs in.
-    pub overlap_share: f64,
+    /// h: the share of the all-reduce the overlap hides when the backward is long enough.
+    pub overlap_hidden: f64,
 }
 
 /// How the gradients are exchanged after (or during) the backward.
@@ -240,7 +240,7 @@ impl Fit {
         };
         let window = s * self.backbone * 2.0 / 3.0 / per_rank;
         let exposed = match sync {
-            GradSync::Overlap => grads - grads.min(self.overlap_share * window),
+            GradSync::Overlap => grads - (self.overlap_hidden * grads).min(window),
             GradSync::AfterBackward | GradSync::Zero1 => grads,
         };
         let optimizer = match sync {
@@ -292,11 +292,9 @@ fn bytes_from(points: &[Point]) -> (Option<f64>, Option<f64>) {
     (grads, emb)
 }
 
-/// η from every multi-rank setting measured with overlap off and on: the all-reduce time the
-/// overlap hid (exposed off − exposed on) over the backbone backward it could hide behind
-/// (the overlap-on point's backward phase less the head's 2H). The mean over the pairs, or None
-/// without pairs.
-pub fn fitted_overlap_share(points: &[Point]) -> Option<f64> {
+/// h from every multi-rank setting measured with overlap off and on: the mean of
+/// 1 − exposed(on) / exposed(off) (the `GradientSync` phase), or None without pairs.
+pub fn fitted_overlap_hidden(points: &[Point]) -> Option<f64> {
     let shares: Vec<f64> = points
         .iter()
         .filter(|on| on.ranks > 1 && on.overlap && !on.shard_optimizer)
@@ -306,9 +304,8 @@ pub fn fitted_overlap_share(points: &[Point]) -> Option<f64> {
                     && !p.shard_optimizer
                     && (p.shard, p.micro_steps, p.ranks) == (on.shard, on.micro_steps, on.ranks)
             })?;
-            let hidden = off.phase(Phase::GradientSync) - on.phase(Phase::GradientSync);
-            let window = on.phase(Phase::Backward) - 2.0 * on.phase(Phase::Head);
-            (window > 0.0).then(|| (hidden / window).clamp(0.0, 1.0))
+            let exposed = off.phase(Phase::GradientSync);
+            (exposed > 0.0).then(|| (1.0 - on.phase(Phase::GradientSync) / exposed).clamp(0.0, 1.0))
         })
         .collect();
     (!shares.is_empty()).then(|| shares.iter().sum::<f64>() / shares.len() as f64)
@@ -316,9 +313,9 @@ pub fn fitted_overlap_share(points: &[Point]) -> Option<f64> {
 
 pub fn fits(r: &ScalingResult, args: &ModelArgs) -> Result<Vec<Fit>> {
     let (grads, emb) = bytes_from(&r.points);
-    let share = args
-        .overlap_share
-        .or_else(|| fitted_overlap_share(&r.points))
+    let hidden = args
+        .overlap_hidden
+        .or_else(|| fitted_overlap_hidden(&r.points))
         .unwrap_or(1.0);
     let mut out = Vec::new();
     // One fit per (mode, M): the W = 1 point without optimizer sharding or overlap (with one
@@ -347,7 +344,7 @@ pub fn fits(r: &ScalingResult, args: &ModelArgs) -> Result<Vec<Fit>> {
             images,
             grad_bytes: args.grad_bytes.or(grads).unwrap_or(0.0),
             embedding_bytes: args.embedding_bytes.or(emb).unwrap_or(0.0),
-            overlap_share: share,
+            overlap_hidden: hidden,
         });
     }
     if out.is_empty() {
@@ -452,7 +449,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     };
     let mut text = format!(
         "# Scaling model\n\nCommand: `{}`\nFitted to: {} ({}; {})\nLink: {:?}; compute: {:?}\n\n\
-         ## Fitted terms (W = 1)\n\n| shard | M | data ms | backbone ms | head ms (fwd) | optimizer ms | images | grad MiB | embedding KiB/image | overlap share η |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         ## Fitted terms (W = 1)\n\n| shard | M | data ms | backbone ms | head ms (fwd) | optimizer ms | images | grad MiB | embedding KiB/image | overlap hides h |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         command_line(),
         args.from.display(),
         r.machine,
@@ -472,7 +469,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
             f.images,
             f.grad_bytes / (1u64 << 20) as f64,
             f.embedding_bytes / 1024.0,
-            f.overlap_share
+            f.overlap_hidden
         );
     }
     let mut checks = Vec::new();
@@ -626,7 +623,7 @@ mod tests {
             images: 100,
             grad_bytes: 0.0,
             embedding_bytes: 0.0,
-            overlap_share: 1.0,
+            overlap_hidden: 1.0,
         }
     }
 
@@ -710,10 +707,10 @@ mod tests {
         // Overlap hides up to 2/3 of the backbone time (1 s) behind the 1.5 s all-reduce.
         let t = f.step_seconds(4, &l, Machine::per_rank(), GradSync::Overlap);
         assert!((t - (1.0 + 1.5 + 6e-5 - 2.0 / 3.0)).abs() < 1e-9);
-        // η = 0.5: only half of that window.
-        f.overlap_share = 0.5;
+        // h = 0.2: at most a fifth of the all-reduce (0.3 s) hides, however long the backward.
+        f.overlap_hidden = 0.2;
         let t = f.step_seconds(4, &l, Machine::per_rank(), GradSync::Overlap);
-        assert!((t - (1.0 + 1.5 + 6e-5 - 1.0 / 3.0)).abs() < 1e-9);
+        assert!((t - (1.0 + 1.5 + 6e-5 - 0.2 * (1.5 + 6e-5))).abs() < 1e-9);
         // ZeRO-1: the same bytes, not overlapped, a quarter of the optimizer.
         f.optimizer = 0.4;
         let t = f.step_seconds(4, &l, Machine::per_rank(), GradSync::Zero1);
@@ -721,7 +718,7 @@ mod tests {
     }
 
     #[test]
-    fn the_overlap_share_is_the_hidden_time_over_the_backbone_backward() {
+    fn the_overlap_hides_the_measured_share_of_the_all_reduce() {
         let point = |overlap: bool, sync: f64| Point {
             shard: ShardMode::Images,
             shard_optimizer: false,
@@ -742,9 +739,9 @@ mod tests {
             episodes_per_step: 1,
             held_bytes: 0,
         };
-        // 0.2 s exposed without overlap, 0.04 s with: 0.16 s hidden behind 0.5 − 0.1 s.
+        // 0.2 s exposed without overlap, 0.04 s with: 80% hidden.
         let pts = [point(false, 0.2), point(true, 0.04)];
-        assert!((fitted_overlap_share(&pts).unwrap() - 0.4).abs() < 1e-12);
-        assert!(fitted_overlap_share(&pts[..1]).is_none());
+        assert!((fitted_overlap_hidden(&pts).unwrap() - 0.8).abs() < 1e-12);
+        assert!(fitted_overlap_hidden(&pts[..1]).is_none());
     }
 }

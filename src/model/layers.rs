@@ -96,7 +96,11 @@ pub fn channels_last(t: &Tensor) -> Tensor {
     let [n, c, h, w] = t.size()[..] else {
         return t.shallow_clone();
     };
-    let out = Tensor::empty_strided([n, c, h, w], [c * h * w, 1, w * c, c], (t.kind(), t.device()));
+    let out = Tensor::empty_strided(
+        [n, c, h, w],
+        [c * h * w, 1, w * c, c],
+        (t.kind(), t.device()),
+    );
     tch::no_grad(|| {
         let mut o = out.shallow_clone();
         o.copy_(t);

@@ -38,8 +38,7 @@ pub use error::ShapeDiff;
 pub use fsct::{AttnVariant, Fp32Modules, FsctDims, FsctHead};
 pub use import::{
     freeze_backbone, load_checked, load_official, read_safetensors_metadata, use_channels_last,
-    LoadReport,
-    WeightsSource,
+    LoadReport, WeightsSource,
 };
 pub use layers::BnMode;
 
