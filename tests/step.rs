@@ -346,7 +346,7 @@ fn overlap_launches_every_gradient_once_and_only_when_it_is_final() {
                 .filter(|(_, t)| t.requires_grad())
                 .collect();
             named.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut overlap = Overlap::new(&recorder, &model, &named);
+            let mut overlap = Overlap::new(&recorder, &model, &named, None);
             let o = StepOptions {
                 total_images: x.size()[0],
                 ..opts(m, checkpoint, 1.0)

@@ -109,7 +109,13 @@ pub trait Communicator {
     fn start_all_reduce_sum(&self, tensors: Vec<Tensor>) -> Result<()> {
         self.all_reduce_sum(&tensors)
     }
-    /// Waits for every all-reduce started since the last call and writes its sums in place.
+    /// Starts [`Communicator::reduce_sum`] of `tensors` to `root` the same way (a sharded
+    /// optimizer's overlapped reduce to the owners); finished by
+    /// [`Communicator::finish_all_reduces`] too.
+    fn start_reduce_sum(&self, tensors: Vec<Tensor>, root: usize) -> Result<()> {
+        self.reduce_sum(&tensors, root)
+    }
+    /// Waits for every reduction started since the last call and writes its sums in place.
     fn finish_all_reduces(&self) -> Result<()> {
         Ok(())
     }

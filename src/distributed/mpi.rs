@@ -193,8 +193,15 @@ impl Communicator for MpiComm {
 
     fn start_all_reduce_sum(&self, tensors: Vec<Tensor>) -> Result<()> {
         match &self.background {
-            Some(b) => b.start(tensors, &self.sent),
+            Some(b) => b.start(tensors, None, &self.sent),
             None => self.all_reduce_sum(&tensors),
+        }
+    }
+
+    fn start_reduce_sum(&self, tensors: Vec<Tensor>, root: usize) -> Result<()> {
+        match &self.background {
+            Some(b) => b.start(tensors, Some(root), &self.sent),
+            None => self.reduce_sum(&tensors, root),
         }
     }
 

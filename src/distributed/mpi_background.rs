@@ -41,20 +41,25 @@ impl Owned {
     }
 }
 
-/// A bucket in flight: the tensors its sums go back to.
+/// A bucket in flight: the tensors its sums go back to (none on a rank that only sends to
+/// another's reduce).
 struct InFlight {
     tensors: Vec<Tensor>,
     kind: Kind,
     device: Device,
+    write_back: bool,
 }
 
-/// A bucket's values to send, and the buffer its sums come back in.
+/// A bucket's values to send, the buffer its sums come back in, and the rank that gets them
+/// (None: all, an all-reduce).
 struct Job {
     send: Host,
     sum: Host,
+    root: Option<usize>,
 }
 
 pub struct Background {
+    rank: usize,
     jobs: Option<Sender<Job>>,
     done: Receiver<Job>,
     in_flight: RefCell<Vec<InFlight>>,
@@ -75,7 +80,7 @@ impl Background {
             .spawn(move || {
                 let comm = comm.into_inner();
                 for mut job in job_rx {
-                    all_reduce(&comm, &job.send, &mut job.sum);
+                    reduce(&comm, &mut job);
                     if done_tx.send(job).is_err() {
                         break;
                     }
@@ -84,6 +89,7 @@ impl Background {
             })
             .expect("spawning the gradient all-reduce thread");
         Self {
+            rank: world.rank() as usize,
             jobs: Some(jobs),
             done,
             in_flight: RefCell::new(Vec::new()),
@@ -105,17 +111,28 @@ impl Background {
         Ok(host)
     }
 
-    /// Copies each bucket of `tensors` to the host and queues it for the thread.
-    pub fn start(&self, tensors: Vec<Tensor>, sent: &ByteCounter) -> Result<()> {
+    /// Copies each bucket of `tensors` to the host and queues it for the thread: summed into
+    /// every rank (`root` None) or into `root` alone.
+    pub fn start(
+        &self,
+        tensors: Vec<Tensor>,
+        root: Option<usize>,
+        sent: &ByteCounter,
+    ) -> Result<()> {
+        let me = self.rank;
         let jobs = self.jobs.as_ref().expect("open until drop");
         for bucket in buckets(&tensors, BUCKET_BYTES) {
             let group: Vec<Tensor> = bucket.iter().map(|&i| tensors[i].shallow_clone()).collect();
             let refs: Vec<&Tensor> = group.iter().collect();
             let flat = flat_cat(&refs);
-            sent.add(&[&flat]);
+            let write_back = root.is_none_or(|r| r == me);
+            if root != Some(me) {
+                sent.add(&[&flat]); // as the blocking collectives count: a reduce's root sends nothing
+            }
             let job = Job {
                 send: self.buffer(&flat, true)?,
                 sum: self.buffer(&flat, false)?,
+                root,
             };
             jobs.send(job)
                 .map_err(|_| anyhow!("the gradient all-reduce thread has ended"))?;
@@ -123,6 +140,7 @@ impl Background {
                 tensors: group,
                 kind: flat.kind(),
                 device: flat.device(),
+                write_back,
             });
         }
         Ok(())
@@ -135,8 +153,10 @@ impl Background {
                 .done
                 .recv()
                 .map_err(|_| anyhow!("the gradient all-reduce thread has ended"))?;
-            let refs: Vec<&Tensor> = bucket.tensors.iter().collect();
-            scatter_back(&job.sum.tensor(bucket.kind, bucket.device), &refs);
+            if bucket.write_back {
+                let refs: Vec<&Tensor> = bucket.tensors.iter().collect();
+                scatter_back(&job.sum.tensor(bucket.kind, bucket.device), &refs);
+            }
             self.free.borrow_mut().extend([job.send, job.sum]);
         }
         Ok(())
@@ -152,14 +172,28 @@ impl Drop for Background {
     }
 }
 
-fn all_reduce(comm: &SimpleCommunicator, send: &Host, recv: &mut Host) {
-    match (send, recv) {
-        (Host::F32(s), Host::F32(r)) => {
-            comm.all_reduce_into(&s[..], &mut r[..], SystemOperation::sum())
+/// Runs `job`'s collective on the reduction thread's communicator.
+fn reduce(comm: &SimpleCommunicator, job: &mut Job) {
+    let op = SystemOperation::sum();
+    let Some(root) = job.root else {
+        match (&job.send, &mut job.sum) {
+            (Host::F32(s), Host::F32(r)) => comm.all_reduce_into(&s[..], &mut r[..], op),
+            (Host::F64(s), Host::F64(r)) => comm.all_reduce_into(&s[..], &mut r[..], op),
+            _ => unreachable!("a bucket's two buffers have its precision"),
         }
-        (Host::F64(s), Host::F64(r)) => {
-            comm.all_reduce_into(&s[..], &mut r[..], SystemOperation::sum())
+        return;
+    };
+    let root_proc = comm.process_at_rank(root as i32);
+    if comm.rank() as usize != root {
+        match &job.send {
+            Host::F32(s) => root_proc.reduce_into(&s[..], op),
+            Host::F64(s) => root_proc.reduce_into(&s[..], op),
         }
+        return;
+    }
+    match (&job.send, &mut job.sum) {
+        (Host::F32(s), Host::F32(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
+        (Host::F64(s), Host::F64(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
         _ => unreachable!("a bucket's two buffers have its precision"),
     }
 }

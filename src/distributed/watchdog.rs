@@ -226,6 +226,9 @@ impl Communicator for Watched {
     fn start_all_reduce_sum(&self, tensors: Vec<Tensor>) -> Result<()> {
         self.timed(0, |c| c.start_all_reduce_sum(tensors))
     }
+    fn start_reduce_sum(&self, tensors: Vec<Tensor>, root: usize) -> Result<()> {
+        self.timed(6, |c| c.start_reduce_sum(tensors, root))
+    }
     fn finish_all_reduces(&self) -> Result<()> {
         self.timed(7, |c| c.finish_all_reduces())
     }

@@ -214,8 +214,8 @@ impl Trainer<'_> {
         if self.summary.steps == 1 && self.comm.world().size > 1 {
             tracing::info!(
                 "gradient all-reduce: {} group(s) of the first step went out during the backward \
-                 (--overlap {}; overlapping needs the MPI backend with MPI_THREAD_MULTIPLE, \
-                 --shard-optimizer off and fixed micro-steps)",
+                 (--overlap {}; overlapping needs the MPI backend with MPI_THREAD_MULTIPLE and \
+                 fixed micro-steps)",
                 report.overlapped_groups,
                 if self.plan.overlap { "on" } else { "off" }
             );

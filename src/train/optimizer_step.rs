@@ -176,14 +176,10 @@ pub fn optimizer_step(
     let shards = opt.shards().filter(|_| world.size > 1).cloned();
     // Gradients go to their owners only, unless the hook needs them all on this step.
     let to_owners = shards.as_ref().filter(|_| !full_grads);
-    // Overlap all-reduces (reduce-to-owner is not overlapped), needs a communicator that runs
-    // beside the backward, and is off under dynamic micro-steps: an out-of-memory there redoes
-    // the step, which buckets already on the wire would not follow.
-    let overlapping = plan.overlap
-        && world.size > 1
-        && to_owners.is_none()
-        && !plan.dynamic
-        && plan.comm.overlaps();
+    // Overlap needs a communicator that runs beside the backward, and is off under dynamic
+    // micro-steps: an out-of-memory there redoes the step, which buckets already on the wire
+    // would not follow.
+    let overlapping = plan.overlap && world.size > 1 && !plan.dynamic && plan.comm.overlaps();
     let named = opt.named_variables();
     let mut overlap = None;
     let outcomes = 'attempt: loop {
@@ -202,7 +198,7 @@ pub fn optimizer_step(
                 agree: plan.dynamic,
             };
             if overlapping && e + 1 == episodes.len() {
-                overlap = Some(Overlap::new(plan.comm, model, &named));
+                overlap = Some(Overlap::new(plan.comm, model, &named, to_owners));
             }
             let autocast = plan.amp.autocast(plan.device)?;
             let result = step::forward_backward(
@@ -289,9 +285,9 @@ pub fn optimizer_step(
     if world.size > 1 {
         phases.enter(Phase::GradientSync);
         let grads = defined_grads(&vars);
-        match (to_owners, overlap) {
-            (Some(own), _) => zero::reduce_to_owners(plan.comm, own, &grads)?,
-            (None, Some(o)) => overlapped_groups = o.finish()?,
+        match (overlap, to_owners) {
+            (Some(o), _) => overlapped_groups = o.finish()?,
+            (None, Some(own)) => zero::reduce_to_owners(plan.comm, own, &grads)?,
             (None, None) => plan.comm.all_reduce_sum(&grads)?,
         }
         if plan.shard == ShardMode::Episodes {

@@ -12,13 +12,18 @@
 //! and cut into buckets of about 25 MiB ([`crate::distributed::BUCKET_BYTES`], DDP's default):
 //! large enough that each message costs bandwidth rather than latency, small enough that the
 //! first of the head's 200 MB is on the wire early and the last segment's bucket ends soon after
-//! the backward. The sums are those of the all-reduce after the backward (elementwise over the
+//! the backward. The sums are those of the exchange after the backward (elementwise over the
 //! same ranks); only the message boundaries differ.
+//!
+//! With a sharded optimizer (`--shard-optimizer on`, [`super::zero`]) each group's gradients
+//! are reduced to their owners instead (one reduce per owner rank that owns some of the group),
+//! as ZeRO-1 with DeepSpeed's `overlap_comm` does.
 
 use anyhow::{anyhow, Result};
 use tch::Tensor;
 
 use super::optimizer_step::defined_grads;
+use super::zero::Ownership;
 use crate::distributed::Communicator;
 use crate::model::FewShotModel;
 
@@ -35,10 +40,14 @@ pub enum Group {
 /// the wire, and how many went out before the backward ended.
 pub struct Overlap<'a> {
     comm: &'a dyn Communicator,
-    head: Vec<Tensor>,
-    segments: Vec<Vec<Tensor>>,
+    vars: Vec<Tensor>,
+    /// Variable indices of the head, and of each backbone segment.
+    head: Vec<usize>,
+    segments: Vec<Vec<usize>>,
     /// Backbone variables in no segment (none today): launched by [`Overlap::finish`].
-    rest: Vec<Tensor>,
+    rest: Vec<usize>,
+    /// Each variable's owner under a sharded optimizer (reduce to it instead of all-reduce).
+    owners: Option<&'a Ownership>,
     head_launched: bool,
     segment_launched: Vec<bool>,
     /// Groups launched so far.
@@ -49,30 +58,34 @@ pub struct Overlap<'a> {
 }
 
 impl<'a> Overlap<'a> {
-    /// The groups of `vars` (the optimizer's variables with their VarStore names).
+    /// The groups of `vars` (the optimizer's variables with their VarStore names, in the
+    /// optimizer's order, which `owners` indexes).
     pub fn new(
         comm: &'a dyn Communicator,
         model: &FewShotModel,
         vars: &[(String, Tensor)],
+        owners: Option<&'a Ownership>,
     ) -> Self {
         let f = model.feature();
-        let mut segments: Vec<Vec<Tensor>> = (0..f.num_segments()).map(|_| Vec::new()).collect();
+        let mut segments: Vec<Vec<usize>> = (0..f.num_segments()).map(|_| Vec::new()).collect();
         let (mut head, mut rest) = (Vec::new(), Vec::new());
-        for (name, t) in vars {
+        for (i, (name, _)) in vars.iter().enumerate() {
             match name.strip_prefix("feature.") {
-                None => head.push(t.shallow_clone()),
+                None => head.push(i),
                 Some(inner) => match f.segment_of(inner) {
-                    Some(i) if i < segments.len() => segments[i].push(t.shallow_clone()),
-                    _ => rest.push(t.shallow_clone()),
+                    Some(s) if s < segments.len() => segments[s].push(i),
+                    _ => rest.push(i),
                 },
             }
         }
         let n = segments.len();
         Self {
             comm,
+            vars: vars.iter().map(|(_, t)| t.shallow_clone()).collect(),
             head,
             segments,
             rest,
+            owners,
             head_launched: false,
             segment_launched: vec![false; n],
             early: 0,
@@ -80,32 +93,54 @@ impl<'a> Overlap<'a> {
         }
     }
 
-    /// Launches `g`'s all-reduce (once): its gradients are final.
+    /// Launches `g`'s exchange (once): its gradients are final.
     pub fn ready(&mut self, g: Group) {
-        let vars = match g {
+        let idx = match g {
             Group::Head if !self.head_launched => {
                 self.head_launched = true;
-                &self.head
+                self.head.clone()
             }
             Group::Segment(i) if !self.segment_launched.get(i).copied().unwrap_or(true) => {
                 self.segment_launched[i] = true;
-                &self.segments[i]
+                self.segments[i].clone()
             }
             _ => return,
         };
-        if vars.is_empty() || self.error.is_some() {
+        if idx.is_empty() || self.error.is_some() {
             return;
         }
-        let grads = defined_grads(vars);
-        match self.comm.start_all_reduce_sum(grads) {
+        match self.launch(&idx) {
             Ok(()) => self.early += 1,
             Err(e) => self.error = Some(e),
         }
     }
 
+    /// Starts the all-reduce (or the reduces to the owners) of the gradients of `idx`.
+    fn launch(&self, idx: &[usize]) -> Result<()> {
+        let pick = |keep: &dyn Fn(usize) -> bool| -> Vec<Tensor> {
+            let vars: Vec<Tensor> = idx
+                .iter()
+                .filter(|&&i| keep(i))
+                .map(|&i| self.vars[i].shallow_clone())
+                .collect();
+            defined_grads(&vars)
+        };
+        match self.owners {
+            None => self.comm.start_all_reduce_sum(pick(&|_| true)),
+            Some(own) => {
+                for r in 0..own.world {
+                    let mine = pick(&|i| own.owner[i] == r);
+                    if !mine.is_empty() {
+                        self.comm.start_reduce_sum(mine, r)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Launches what is not yet on the wire (in the same order on every rank), then waits until
-    /// every sum is in place.
-    /// Returns how many groups were launched before it was called.
+    /// every sum is in place. Returns how many groups were launched before it was called.
     pub fn finish(mut self) -> Result<usize> {
         let early = self.early;
         self.ready(Group::Head);
@@ -113,11 +148,10 @@ impl<'a> Overlap<'a> {
             self.ready(Group::Segment(i));
         }
         if !self.rest.is_empty() {
-            let grads = defined_grads(&self.rest);
-            self.comm.start_all_reduce_sum(grads)?;
+            self.launch(&self.rest)?;
         }
         if let Some(e) = self.error.take() {
-            return Err(anyhow!("starting an overlapped gradient all-reduce: {e:#}"));
+            return Err(anyhow!("starting an overlapped gradient exchange: {e:#}"));
         }
         self.comm.finish_all_reduces()?;
         Ok(early)
