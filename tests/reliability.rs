@@ -594,6 +594,13 @@ fn a_run_folder_in_use_is_refused_to_a_second_train_resume_or_test() {
         Duration::from_secs(60),
         "the first run did not start",
     );
+    // Held still (a stopped process keeps its lock), so that it cannot finish its short run
+    // before the three refusals below have been tried, however loaded the machine.
+    let stopped = Command::new("kill")
+        .args(["-STOP", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
     let resume = run(&resume_args(&b, &[]));
     fails_with(&resume, "in use by another fsct-dist process");
     assert!(String::from_utf8_lossy(&resume.stderr).contains(&format!("pid {}", first.id())));

@@ -23,8 +23,10 @@
 //!   since the first segment's bucket is final only when the backward ends and the sums are
 //!   copied back after it. It is fitted from overlap off/on pairs of the measurements (the mean
 //!   of 1 − exposed(on)/exposed(off)), else `--overlap-hidden`, else 1. ZeRO-1
-//!   (`--shard-optimizer on`) reduces and broadcasts the same bytes as one all-reduce, after the
-//!   backward (it is not overlapped), and steps 1/W of the optimizer: s·O/W.
+//!   (`--shard-optimizer on`) reduces and broadcasts the same bytes as one all-reduce, each half
+//!   of it; with `--overlap` the reduce runs in the backward (hiding at most h of its half), the
+//!   broadcast of the stepped parameters follows the optimizer. It steps 1/W of the optimizer:
+//!   s·O/W.
 
 use std::path::PathBuf;
 
@@ -164,13 +166,16 @@ pub enum GradSync {
     Overlap,
     /// ZeRO-1: reduced to owners and broadcast back after the backward, 1/W of the optimizer.
     Zero1,
+    /// ZeRO-1 with the reduce to the owners during the backward (both switches on).
+    Zero1Overlap,
 }
 
 impl GradSync {
     /// How a measured setting exchanged its gradients.
     pub fn of(p: &Point) -> Self {
         match (p.shard_optimizer, p.overlap) {
-            (true, _) => GradSync::Zero1,
+            (true, true) => GradSync::Zero1Overlap,
+            (true, false) => GradSync::Zero1,
             (false, true) => GradSync::Overlap,
             (false, false) => GradSync::AfterBackward,
         }
@@ -241,10 +246,12 @@ impl Fit {
         let window = s * self.backbone * 2.0 / 3.0 / per_rank;
         let exposed = match sync {
             GradSync::Overlap => grads - (self.overlap_hidden * grads).min(window),
+            // Only the reduce half runs in the backward; the broadcast follows the optimizer.
+            GradSync::Zero1Overlap => grads - (self.overlap_hidden * grads / 2.0).min(window),
             GradSync::AfterBackward | GradSync::Zero1 => grads,
         };
         let optimizer = match sync {
-            GradSync::Zero1 => s * self.optimizer / wf,
+            GradSync::Zero1 | GradSync::Zero1Overlap => s * self.optimizer / wf,
             GradSync::AfterBackward | GradSync::Overlap => s * self.optimizer,
         };
         match self.shard {
@@ -430,10 +437,10 @@ struct Prediction {
     ranks: usize,
     step_s: f64,
     step_s_overlap: f64,
-    step_s_zero1: f64,
+    step_s_zero1_overlap: f64,
     efficiency: f64,
     efficiency_overlap: f64,
-    efficiency_zero1: f64,
+    efficiency_zero1_overlap: f64,
     episodes_per_s: f64,
 }
 
@@ -518,16 +525,16 @@ pub fn run(args: &ModelArgs) -> Result<()> {
                 ranks: w,
                 step_s: t,
                 step_s_overlap: f.step_seconds(w, &l, machine, GradSync::Overlap),
-                step_s_zero1: f.step_seconds(w, &l, machine, GradSync::Zero1),
+                step_s_zero1_overlap: f.step_seconds(w, &l, machine, GradSync::Zero1Overlap),
                 efficiency: f.efficiency(w, &l, machine, GradSync::AfterBackward),
                 efficiency_overlap: f.efficiency(w, &l, machine, GradSync::Overlap),
-                efficiency_zero1: f.efficiency(w, &l, machine, GradSync::Zero1),
+                efficiency_zero1_overlap: f.efficiency(w, &l, machine, GradSync::Zero1Overlap),
                 episodes_per_s: f.episodes(w) / t,
             });
         }
         w *= 2;
     }
-    text += "\n## Predictions\n\n| shard | M | W | step ms | step ms (overlap) | step ms (ZeRO-1) | efficiency | efficiency (overlap) | efficiency (ZeRO-1) | episodes/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    text += "\n## Predictions\n\n| shard | M | W | step ms | step ms (overlap) | step ms (overlap + ZeRO-1) | efficiency | efficiency (overlap) | efficiency (overlap + ZeRO-1) | episodes/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for p in &preds {
         text += &format!(
             "| {:?} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.0}% | {:.0}% | {:.1} |\n",
@@ -536,10 +543,10 @@ pub fn run(args: &ModelArgs) -> Result<()> {
             p.ranks,
             p.step_s * 1e3,
             p.step_s_overlap * 1e3,
-            p.step_s_zero1 * 1e3,
+            p.step_s_zero1_overlap * 1e3,
             100.0 * p.efficiency,
             100.0 * p.efficiency_overlap,
-            100.0 * p.efficiency_zero1,
+            100.0 * p.efficiency_zero1_overlap,
             p.episodes_per_s
         );
     }
@@ -715,6 +722,9 @@ mod tests {
         f.optimizer = 0.4;
         let t = f.step_seconds(4, &l, Machine::per_rank(), GradSync::Zero1);
         assert!((t - (1.0 + 0.1 + 1.5 + 6e-5)).abs() < 1e-9);
+        // With overlap, at most h of the reduce half (0.2 · 0.75 s) hides.
+        let t = f.step_seconds(4, &l, Machine::per_rank(), GradSync::Zero1Overlap);
+        assert!((t - (1.0 + 0.1 + 1.5 + 6e-5 - 0.2 * (1.5 + 6e-5) / 2.0)).abs() < 1e-9);
     }
 
     #[test]
