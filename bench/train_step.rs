@@ -34,9 +34,14 @@ const WAY: i64 = 5;
 const SHOT: i64 = 5;
 const QUERY: i64 = 16;
 
+/// Seconds of one step's parts: backbone forward, the rest of the forward (head, loss;
+/// zero_grad), backward, optimizer (CPU ops are synchronous, so each is its own time).
+type Phases = [f64; 4];
+const PHASE_NAMES: [&str; 4] = ["backbone_forward", "head_forward", "backward", "optimizer"];
+
 /// Our step; `channels_last` as `train --channels-last on` (the default) or off (NCHW, the
-/// layout of the official code).
-fn ours(case: &Case, steps: usize, channels_last: bool) -> Vec<f64> {
+/// layout of the official code). Per measured step: its seconds and its phases.
+fn ours(case: &Case, steps: usize, channels_last: bool) -> (Vec<f64>, Vec<Phases>) {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let cfg = ModelConfig::new(
@@ -58,23 +63,37 @@ fn ours(case: &Case, steps: usize, channels_last: bool) -> Vec<f64> {
         [WAY, SHOT + QUERY, 3, case.size, case.size],
         (Kind::Float, Device::Cpu),
     );
-    let mut times = Vec::new();
+    let flat = x.flatten(0, 1);
+    let (mut times, mut phases) = (Vec::new(), Vec::new());
     for i in 0..steps + 1 {
         let t0 = Instant::now();
         opt.zero_grad();
-        let out = model.forward(&x, true);
+        let emb = model.embed(&flat, true);
+        let t1 = Instant::now();
+        let out = model.head(&emb);
+        let t2 = Instant::now();
         out.loss.backward();
+        let t3 = Instant::now();
         opt.step();
         let _ = out.loss.double_value(&[]);
+        let t4 = Instant::now();
         if i >= 1 {
-            times.push(t0.elapsed().as_secs_f64()); // one warm-up step, as in the Python script
+            // One warm-up step, as in the Python script.
+            times.push((t4 - t0).as_secs_f64());
+            let s = |a: Instant, b: Instant| (b - a).as_secs_f64();
+            phases.push([s(t0, t1), s(t1, t2), s(t2, t3), s(t3, t4)]);
         }
     }
-    times
+    (times, phases)
 }
 
-/// One Python comparator run: `script` with `args`, printing `{"torch": .., "step_s": [..]}`.
-fn python_steps(python: &str, script: &str, args: &[String]) -> Result<(Vec<f64>, String), String> {
+/// One Python comparator run: `script` with `args`, printing `{"torch": .., "step_s": [..]}` and
+/// optionally `"phases": [{name: seconds}]`.
+fn python_steps(
+    python: &str,
+    script: &str,
+    args: &[String],
+) -> Result<(Vec<f64>, Vec<Phases>, String), String> {
     let out = Command::new(python)
         .arg(script)
         .args(args)
@@ -90,7 +109,19 @@ fn python_steps(python: &str, script: &str, args: &[String]) -> Result<(Vec<f64>
         .iter()
         .filter_map(|t| t.as_f64())
         .collect();
-    Ok((times, v["torch"].as_str().unwrap_or("?").to_string()))
+    let phases = v["phases"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| PHASE_NAMES.map(|n| p[n].as_f64().unwrap_or(f64::NAN)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((
+        times,
+        phases,
+        v["torch"].as_str().unwrap_or("?").to_string(),
+    ))
 }
 
 /// The comparators: the re-implementation always, the official code when a checkout is given.
@@ -159,20 +190,29 @@ fn main() {
     let rounds = if quick { 1 } else { 2 };
     let mut rows = Vec::new();
     let mut lever_rows = Vec::new();
+    let mut phase_rows = Vec::new();
     let mut torch_version = String::from("?");
     for case in &cases {
         let sides = comparators(case, threads, official.as_deref());
-        let mut ours_s = Vec::new();
-        let mut ours_nchw = Vec::new();
+        let (mut ours_s, mut ours_nchw) = (Vec::new(), Vec::new());
+        let (mut ours_p, mut nchw_p) = (Vec::new(), Vec::new());
         let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+        let mut theirs_p: Vec<Vec<Phases>> = vec![Vec::new(); sides.len()];
         for _ in 0..rounds {
             // Alternate ours and each comparator within a round: all see the same machine load.
-            ours_s.extend(ours(case, case.steps, true));
-            ours_nchw.extend(ours(case, case.steps, false));
-            for ((label, script, args), times) in sides.iter().zip(theirs.iter_mut()) {
+            let (t, p) = ours(case, case.steps, true);
+            ours_s.extend(t);
+            ours_p.extend(p);
+            let (t, p) = ours(case, case.steps, false);
+            ours_nchw.extend(t);
+            nchw_p.extend(p);
+            for (((label, script, args), times), phases) in
+                sides.iter().zip(theirs.iter_mut()).zip(theirs_p.iter_mut())
+            {
                 match python_steps(&python, script, args) {
-                    Ok((t, v)) => {
+                    Ok((t, p, v)) => {
                         times.extend(t);
+                        phases.extend(p);
                         torch_version = v;
                     }
                     Err(e) => eprintln!(
@@ -183,6 +223,26 @@ fn main() {
         }
         let ma = median_or_nan(&ours_s);
         let mn = median_or_nan(&ours_nchw);
+        let mut breakdown = vec![
+            ("fsct-dist (channels-last)", &ours_p),
+            ("fsct-dist NCHW", &nchw_p),
+        ];
+        breakdown.extend(
+            sides
+                .iter()
+                .zip(&theirs_p)
+                .filter(|(_, p)| !p.is_empty())
+                .map(|((label, _, _), p)| (*label, p)),
+        );
+        for (label, p) in breakdown {
+            let m: Vec<f64> = (0..4)
+                .map(|k| median_or_nan(&p.iter().map(|s| s[k]).collect::<Vec<_>>()))
+                .collect();
+            phase_rows.push(format!(
+                "| {} {} px | {label} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                case.name, case.size, m[0], m[1], m[2], m[3]
+            ));
+        }
         lever_rows.push(format!(
             "| {} {} px | channels-last (`--channels-last on`, the default) | {mn:.3} | {ma:.3} | {:.2} |",
             case.name,
@@ -227,7 +287,10 @@ fn main() {
          | case | compared with | fsct-dist s/step | PyTorch s/step | ratio PyTorch/ours | steps measured (ours / PyTorch) |\n\
          |---|---|---|---|---|---|\n{}\n\n\
          Levers, fsct-dist against itself in the same rounds:\n\n\
-         | case | lever | without s/step | with s/step | gain |\n|---|---|---|---|---|\n{}\n",
+         | case | lever | without s/step | with s/step | gain |\n|---|---|---|---|---|\n{}\n\n\
+         Where the time goes (medians per part of a step, seconds; the official backbone forward is \
+         timed where its head calls it):\n\n\
+         | case | code | backbone forward | head forward + loss | backward | optimizer |\n|---|---|---|---|---|---|\n{}\n",
         [
             (official.is_some(), "FSCT_OFFICIAL_REPO=<checkout> "),
             (quick, "FSCT_BENCH_QUICK=1 "),
@@ -236,7 +299,8 @@ fn main() {
         .filter_map(|&(on, env)| on.then_some(env))
         .collect::<String>(),
         rows.join("\n"),
-        lever_rows.join("\n")
+        lever_rows.join("\n"),
+        phase_rows.join("\n")
     );
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results");
     let _ = std::fs::create_dir_all(dir);

@@ -309,14 +309,7 @@ pub fn forward_backward(
                 let kind = emb_local.kind();
                 (&emb_local * &seed).sum(kind).backward();
             } else {
-                backward_groups(
-                    model,
-                    x,
-                    &local,
-                    &seed,
-                    opts.checkpoint,
-                    overlap.as_deref_mut(),
-                );
+                backward_groups(model, x, &local, &seed, opts.checkpoint, overlap);
             }
             Ok(())
         });
