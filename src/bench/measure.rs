@@ -172,7 +172,7 @@ pub fn measure_steps(
         ranks: world.size,
         shard: plan.shard,
         shard_optimizer: opt.shards().is_some(),
-        overlap: plan.overlap && world.size > 1 && comm.overlaps() && opt.shards().is_none(),
+        overlap: plan.overlaps(),
         micro_steps: plan.micro_steps,
         amp,
         checkpoint: plan.checkpoint,

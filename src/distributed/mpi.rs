@@ -146,6 +146,39 @@ impl Host {
     }
 }
 
+/// Sums `send` over the ranks of `comm` into `sum`: on every rank (`root` None: an all-reduce)
+/// or on `root` alone (a reduce: the other ranks only send, and their `sum` is not touched). The
+/// one collective of the blocking path and of the reduction thread ([`super::mpi_background`]).
+pub(super) fn sum_into(
+    comm: &SimpleCommunicator,
+    root: Option<usize>,
+    send: &Host,
+    sum: &mut Host,
+) {
+    let op = SystemOperation::sum();
+    let Some(root) = root else {
+        match (send, sum) {
+            (Host::F32(s), Host::F32(r)) => comm.all_reduce_into(&s[..], &mut r[..], op),
+            (Host::F64(s), Host::F64(r)) => comm.all_reduce_into(&s[..], &mut r[..], op),
+            _ => unreachable!("a bucket's two buffers have its precision"),
+        }
+        return;
+    };
+    let root_proc = comm.process_at_rank(root as i32);
+    if comm.rank() as usize != root {
+        match send {
+            Host::F32(s) => root_proc.reduce_into(&s[..], op),
+            Host::F64(s) => root_proc.reduce_into(&s[..], op),
+        }
+        return;
+    }
+    match (send, sum) {
+        (Host::F32(s), Host::F32(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
+        (Host::F64(s), Host::F64(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
+        _ => unreachable!("a bucket's two buffers have its precision"),
+    }
+}
+
 /// Where each rank's part starts in a gathered buffer: the prefix sums of `counts`.
 fn displacements(counts: &[i32]) -> Vec<i32> {
     counts
@@ -171,17 +204,7 @@ impl Communicator for MpiComm {
         per_bucket(tensors, |flat| {
             let send = Host::from(flat)?;
             let mut recv = send.zeros_like(flat.numel());
-            match (&send, &mut recv) {
-                (Host::F32(s), Host::F32(r)) => {
-                    self.world_comm
-                        .all_reduce_into(&s[..], &mut r[..], SystemOperation::sum())
-                }
-                (Host::F64(s), Host::F64(r)) => {
-                    self.world_comm
-                        .all_reduce_into(&s[..], &mut r[..], SystemOperation::sum())
-                }
-                _ => unreachable!("zeros_like keeps the precision"),
-            }
+            sum_into(&self.world_comm, None, &send, &mut recv);
             self.sent.add(&[flat]);
             Ok(recv.tensor(flat.kind(), flat.device()))
         })
@@ -213,24 +236,15 @@ impl Communicator for MpiComm {
     }
 
     fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()> {
-        let root_proc = self.world_comm.process_at_rank(root as i32);
-        let op = SystemOperation::sum();
         per_bucket(tensors, |flat| {
             let send = Host::from(flat)?;
             if self.world.rank != root {
-                match &send {
-                    Host::F32(s) => root_proc.reduce_into(&s[..], op),
-                    Host::F64(s) => root_proc.reduce_into(&s[..], op),
-                }
+                sum_into(&self.world_comm, Some(root), &send, &mut send.zeros_like(0));
                 self.sent.add(&[flat]);
                 return Ok(flat.shallow_clone());
             }
             let mut recv = send.zeros_like(flat.numel());
-            match (&send, &mut recv) {
-                (Host::F32(s), Host::F32(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
-                (Host::F64(s), Host::F64(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
-                _ => unreachable!("zeros_like keeps the precision"),
-            }
+            sum_into(&self.world_comm, Some(root), &send, &mut recv);
             Ok(recv.tensor(flat.kind(), flat.device()))
         })
     }

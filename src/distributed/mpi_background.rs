@@ -19,12 +19,11 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Result};
-use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use tch::{Device, Kind, Tensor};
 
-use super::mpi::Host;
+use super::mpi::{sum_into, Host};
 use super::{buckets, flat_cat, scatter_back, ByteCounter, BUCKET_BYTES};
 
 /// A communicator handed to the reduction thread, which alone uses it from then on.
@@ -80,7 +79,7 @@ impl Background {
             .spawn(move || {
                 let comm = comm.into_inner();
                 for mut job in job_rx {
-                    reduce(&comm, &mut job);
+                    sum_into(&comm, job.root, &job.send, &mut job.sum);
                     if done_tx.send(job).is_err() {
                         break;
                     }
@@ -129,11 +128,14 @@ impl Background {
             if root != Some(me) {
                 sent.add(&[&flat]); // as the blocking collectives count: a reduce's root sends nothing
             }
-            let job = Job {
-                send: self.buffer(&flat, true)?,
-                sum: self.buffer(&flat, false)?,
-                root,
+            let send = self.buffer(&flat, true)?;
+            // A rank that only sends to another's reduce gets nothing back: no buffer for it.
+            let sum = if write_back {
+                self.buffer(&flat, false)?
+            } else {
+                send.zeros_like(0)
             };
+            let job = Job { send, sum, root };
             jobs.send(job)
                 .map_err(|_| anyhow!("the gradient all-reduce thread has ended"))?;
             self.in_flight.borrow_mut().push(InFlight {
@@ -157,7 +159,8 @@ impl Background {
                 let refs: Vec<&Tensor> = bucket.tensors.iter().collect();
                 scatter_back(&job.sum.tensor(bucket.kind, bucket.device), &refs);
             }
-            self.free.borrow_mut().extend([job.send, job.sum]);
+            let kept = [job.send, job.sum].into_iter().filter(|h| h.len() > 0);
+            self.free.borrow_mut().extend(kept);
         }
         Ok(())
     }
@@ -169,31 +172,5 @@ impl Drop for Background {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// Runs `job`'s collective on the reduction thread's communicator.
-fn reduce(comm: &SimpleCommunicator, job: &mut Job) {
-    let op = SystemOperation::sum();
-    let Some(root) = job.root else {
-        match (&job.send, &mut job.sum) {
-            (Host::F32(s), Host::F32(r)) => comm.all_reduce_into(&s[..], &mut r[..], op),
-            (Host::F64(s), Host::F64(r)) => comm.all_reduce_into(&s[..], &mut r[..], op),
-            _ => unreachable!("a bucket's two buffers have its precision"),
-        }
-        return;
-    };
-    let root_proc = comm.process_at_rank(root as i32);
-    if comm.rank() as usize != root {
-        match &job.send {
-            Host::F32(s) => root_proc.reduce_into(&s[..], op),
-            Host::F64(s) => root_proc.reduce_into(&s[..], op),
-        }
-        return;
-    }
-    match (&job.send, &mut job.sum) {
-        (Host::F32(s), Host::F32(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
-        (Host::F64(s), Host::F64(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
-        _ => unreachable!("a bucket's two buffers have its precision"),
     }
 }

@@ -96,6 +96,13 @@ impl<'a> StepPlan<'a> {
         per_rank.max(1)
     }
 
+    /// Whether the gradient exchange runs during the backward: `--overlap` with more than one
+    /// rank and a communicator that runs beside the backward; off under dynamic micro-steps,
+    /// where an out-of-memory redoes the step, which buckets already on the wire would not follow.
+    pub fn overlaps(&self) -> bool {
+        self.overlap && self.comm.world().size > 1 && !self.dynamic && self.comm.overlaps()
+    }
+
     /// Logs the BatchNorm groups the run uses (the objective depends on them).
     pub fn log_groups(&self) {
         let w = self.comm.world();
@@ -176,11 +183,7 @@ pub fn optimizer_step(
     let shards = opt.shards().filter(|_| world.size > 1).cloned();
     // Gradients go to their owners only, unless the hook needs them all on this step.
     let to_owners = shards.as_ref().filter(|_| !full_grads);
-    // Overlap needs a communicator that runs beside the backward, and is off under dynamic
-    // micro-steps: an out-of-memory there redoes the step, which buckets already on the wire
-    // would not follow.
-    let overlapping = plan.overlap && world.size > 1 && !plan.dynamic && plan.comm.overlaps();
-    let named = opt.named_variables();
+    let overlapping = plan.overlaps();
     let mut overlap = None;
     let outcomes = 'attempt: loop {
         opt.zero_grad();
@@ -198,6 +201,7 @@ pub fn optimizer_step(
                 agree: plan.dynamic,
             };
             if overlapping && e + 1 == episodes.len() {
+                let named = opt.named_variables();
                 overlap = Some(Overlap::new(plan.comm, model, &named, to_owners));
             }
             let autocast = plan.amp.autocast(plan.device)?;

@@ -41,15 +41,13 @@ pub enum Group {
 pub struct Overlap<'a> {
     comm: &'a dyn Communicator,
     vars: Vec<Tensor>,
-    /// Variable indices of the head, and of each backbone segment.
-    head: Vec<usize>,
-    segments: Vec<Vec<usize>>,
+    /// Variable indices of the head, and of each backbone segment; taken when launched.
+    head: Option<Vec<usize>>,
+    segments: Vec<Option<Vec<usize>>>,
     /// Backbone variables in no segment (none today): launched by [`Overlap::finish`].
     rest: Vec<usize>,
     /// Each variable's owner under a sharded optimizer (reduce to it instead of all-reduce).
     owners: Option<&'a Ownership>,
-    head_launched: bool,
-    segment_launched: Vec<bool>,
     /// Groups launched so far.
     early: usize,
     /// The first failure to launch, reported by [`Overlap::finish`] (the backward that calls
@@ -78,16 +76,13 @@ impl<'a> Overlap<'a> {
                 },
             }
         }
-        let n = segments.len();
         Self {
             comm,
             vars: vars.iter().map(|(_, t)| t.shallow_clone()).collect(),
-            head,
-            segments,
+            head: Some(head),
+            segments: segments.into_iter().map(Some).collect(),
             rest,
             owners,
-            head_launched: false,
-            segment_launched: vec![false; n],
             early: 0,
             error: None,
         }
@@ -96,16 +91,10 @@ impl<'a> Overlap<'a> {
     /// Launches `g`'s exchange (once): its gradients are final.
     pub fn ready(&mut self, g: Group) {
         let idx = match g {
-            Group::Head if !self.head_launched => {
-                self.head_launched = true;
-                self.head.clone()
-            }
-            Group::Segment(i) if !self.segment_launched.get(i).copied().unwrap_or(true) => {
-                self.segment_launched[i] = true;
-                self.segments[i].clone()
-            }
-            _ => return,
+            Group::Head => self.head.take(),
+            Group::Segment(i) => self.segments.get_mut(i).and_then(Option::take),
         };
+        let Some(idx) = idx else { return };
         if idx.is_empty() || self.error.is_some() {
             return;
         }
