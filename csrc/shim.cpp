@@ -38,6 +38,12 @@ namespace at::accelerator {
 TORCH_API void setDeviceIndex(c10::DeviceIndex device_index);
 }  // namespace at::accelerator
 
+// Streams and events through the backend-generic c10 interface (CUDA registers its
+// implementation when libtorch_cuda is loaded): again no CUDA headers.
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
 #include <exception>
 #include <string>
 
@@ -219,5 +225,69 @@ int fsct_cuda_set_device(int index) {
     return OK;
   });
 }
+
+// A side stream for gradient reductions that overlap the backward (NCCL's own stream in
+// PyTorch DDP). `ready` orders the side stream after the gradients the compute stream has
+// produced so far; `done` orders the compute stream after everything queued on the side stream.
+struct SideStream {
+  c10::Stream side;
+  c10::Stream saved;  // the compute stream, current again after `leave`
+  c10::Event ready{c10::DeviceType::CUDA};
+  c10::Event done{c10::DeviceType::CUDA};
+};
+
+static const c10::impl::DeviceGuardImplInterface* cuda_impl() {
+  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+}
+
+// A non-blocking stream from libtorch's high-priority pool on device `index` (high priority so
+// the reductions are not starved by the backward's kernels). Fails with a message on a build or
+// machine without CUDA.
+int fsct_cuda_side_stream_new(int index, void** out) {
+  return guarded([&] {
+    const c10::Device device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index));
+    const auto* impl = cuda_impl();
+    auto side = impl->getStreamFromGlobalPool(device, /*isHighPriority=*/true);
+    *out = new SideStream{side, impl->getStream(device)};
+    return OK;
+  });
+}
+
+// Makes the side stream wait for the work queued so far on the current (compute) stream, then
+// current, so that the caller's tensor operations (bucket copies) queue there too; `*native`
+// receives its cudaStream_t for NCCL. Undone by fsct_cuda_side_stream_leave.
+int fsct_cuda_side_stream_enter(void* handle, void** native) {
+  return guarded([&] {
+    auto* s = static_cast<SideStream*>(handle);
+    const auto* impl = cuda_impl();
+    s->ready.record(impl->getStream(s->side.device()));
+    s->ready.block(s->side);
+    s->saved = impl->exchangeStream(s->side);
+    *native = s->side.native_handle();
+    return OK;
+  });
+}
+
+// Makes the compute stream current again.
+int fsct_cuda_side_stream_leave(void* handle) {
+  return guarded([&] {
+    auto* s = static_cast<SideStream*>(handle);
+    cuda_impl()->exchangeStream(s->saved);
+    return OK;
+  });
+}
+
+// Makes the current (compute) stream wait for everything queued on the side stream; the host
+// does not wait.
+int fsct_cuda_side_stream_join(void* handle) {
+  return guarded([&] {
+    auto* s = static_cast<SideStream*>(handle);
+    s->done.record(s->side);
+    s->done.block(cuda_impl()->getStream(s->side.device()));
+    return OK;
+  });
+}
+
+void fsct_cuda_side_stream_free(void* handle) { delete static_cast<SideStream*>(handle); }
 
 }  // extern "C"

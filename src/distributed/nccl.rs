@@ -2,9 +2,16 @@
 //! from `libnccl.so.2` (the torch wheels ship it; no CUDA toolkit is needed to build). The unique
 //! id is made by rank 0 and broadcast over MPI; host values (losses, flags) go over MPI.
 //!
-//! Stream: NCCL calls are queued on the legacy default stream (null), which is libtorch's
-//! current stream unless a caller changes it (we never do), so they are ordered with the
-//! kernels around them without extra synchronisation.
+//! Streams: every collective of a communicator is queued on its one side stream
+//! ([`SideStream`], from libtorch's pool), as ProcessGroupNCCL does: NCCL runs a communicator's
+//! operations in the order each stream gives them, and two streams could put them in different
+//! orders on different ranks, which deadlocks. CUDA events order the side stream after the work
+//! queued on the compute stream before each call; a blocking call also makes the compute stream
+//! wait for it, an overlapped reduction of `--overlap` (started during the backward) only at
+//! [`Communicator::finish_all_reduces`], so the optimizer (and the fp16 inf check) reads final
+//! sums while the backward of earlier layers ran beside the reductions. The host never waits.
+//! Without a side stream (libtorch could not make one) the calls go on the default stream, in
+//! order with the kernels around them, and nothing overlaps.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -14,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::mpi::MpiComm;
 use super::{per_bucket, ByteCounter, Communicator, DistError, World};
+use crate::ffi::cuda::SideStream;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -26,6 +34,9 @@ type Stream = *mut c_void;
 type NcclResult = c_int;
 
 const NCCL_SUM: c_int = 0;
+/// The legacy default stream, libtorch's current stream (we change it only inside
+/// [`SideStream::run`]).
+const DEFAULT_STREAM: Stream = std::ptr::null_mut();
 
 /// `ncclAllReduce(send, recv, count, type, op, comm, stream)` and
 /// `ncclBroadcast(send, recv, count, type, root, comm, stream)`: one C signature.
@@ -122,6 +133,8 @@ pub struct NcclComm {
     device: Device,
     mpi: Option<MpiComm>,
     sent: ByteCounter,
+    /// Where overlapped reductions run; None (no overlap) if libtorch could not make one.
+    side: Option<SideStream>,
 }
 
 impl NcclComm {
@@ -138,14 +151,23 @@ impl NcclComm {
 
     fn create(mpi: Option<MpiComm>, world: World, device: Device) -> Result<Self, DistError> {
         match Self::connect(mpi.as_ref(), world, device) {
-            Ok((lib, comm)) => Ok(Self {
-                lib,
-                comm,
-                world,
-                device,
-                mpi,
-                sent: ByteCounter::default(),
-            }),
+            Ok((lib, comm)) => {
+                let Device::Cuda(index) = device else {
+                    unreachable!("connect accepts CUDA devices only")
+                };
+                let side = SideStream::new(index)
+                    .map_err(|e| tracing::warn!("no side stream for overlapped reductions: {e}"))
+                    .ok();
+                Ok(Self {
+                    lib,
+                    comm,
+                    world,
+                    device,
+                    mpi,
+                    sent: ByteCounter::default(),
+                    side,
+                })
+            }
             Err(e) => {
                 // Keep MPI initialised (no MPI_Finalize from the drop): the caller ends the job
                 // with MPI_Abort, which needs it, instead of leaving the other ranks waiting.
@@ -212,20 +234,26 @@ impl NcclComm {
 
     /// `ncclAllReduce` (`arg` = the reduction) or `ncclBroadcast` (`arg` = the root) of `t`
     /// in place: the two share one C signature.
-    fn in_place(&self, call: &'static str, t: &Tensor, arg: c_int) -> Result<(), DistError> {
+    fn in_place(
+        &self,
+        call: &'static str,
+        t: &Tensor,
+        arg: c_int,
+        stream: Stream,
+    ) -> Result<(), DistError> {
         self.on_device(t)?;
         // SAFETY: both calls have this signature; buffers are the tensor's device memory.
         let f: Symbol<SendRecvFn> = unsafe { symbol(&self.lib, call)? };
         let p = t.data_ptr();
         let kind = nccl_type(t.kind())?;
         // SAFETY: `t` is contiguous on this communicator's device and holds numel elements.
-        let rc = unsafe { f(p, p, t.numel(), kind, arg, self.comm, std::ptr::null_mut()) };
+        let rc = unsafe { f(p, p, t.numel(), kind, arg, self.comm, stream) };
         check(&self.lib, rc, call)
     }
 
     /// `ncclReduce` of `t` in place (sum into `root`'s buffer; the others' buffers are only
     /// read, NCCL writes the receive buffer on the root alone).
-    fn reduce_in_place(&self, t: &Tensor, root: usize) -> Result<(), DistError> {
+    fn reduce_in_place(&self, t: &Tensor, root: usize, stream: Stream) -> Result<(), DistError> {
         self.on_device(t)?;
         // SAFETY: the C signature of ncclReduce in every NCCL 2.x.
         let f: Symbol<ReduceFn> = unsafe { symbol(&self.lib, "ncclReduce")? };
@@ -241,7 +269,7 @@ impl NcclComm {
                 NCCL_SUM,
                 root as c_int,
                 self.comm,
-                std::ptr::null_mut(),
+                stream,
             )
         };
         check(&self.lib, rc, "ncclReduce")
@@ -250,45 +278,20 @@ impl NcclComm {
     fn host(&self) -> Option<&MpiComm> {
         self.mpi.as_ref()
     }
-}
 
-fn check(lib: &Library, rc: NcclResult, call: &'static str) -> Result<(), DistError> {
-    if rc == 0 {
-        return Ok(());
-    }
-    // SAFETY: ncclGetErrorString returns a static string.
-    let msg = unsafe {
-        lib.get::<unsafe extern "C" fn(NcclResult) -> *const c_char>(b"ncclGetErrorString\0")
-            .ok()
-            .map(|f| CStr::from_ptr(f(rc)).to_string_lossy().into_owned())
-    };
-    Err(DistError::NcclCall {
-        call,
-        code: rc,
-        message: msg.unwrap_or_default(),
-    })
-}
-
-impl Communicator for NcclComm {
-    fn world(&self) -> World {
-        self.world
-    }
-
-    fn name(&self) -> &'static str {
-        "nccl"
-    }
-
-    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
+    /// The bucketed all-reduce, queued on `stream` (bucket copies on the current stream, which
+    /// the caller made `stream` for a side stream).
+    fn all_reduce_on(&self, tensors: &[Tensor], stream: Stream) -> Result<()> {
         per_bucket(tensors, |flat| {
-            self.in_place("ncclAllReduce", flat, NCCL_SUM)?;
+            self.in_place("ncclAllReduce", flat, NCCL_SUM, stream)?;
             self.sent.add(&[flat]);
             Ok(flat.shallow_clone())
         })
     }
 
-    fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+    fn reduce_on(&self, tensors: &[Tensor], root: usize, stream: Stream) -> Result<()> {
         per_bucket(tensors, |flat| {
-            self.reduce_in_place(flat, root)?;
+            self.reduce_in_place(flat, root, stream)?;
             if self.world.rank != root {
                 self.sent.add(&[flat]);
             }
@@ -296,7 +299,21 @@ impl Communicator for NcclComm {
         })
     }
 
-    fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
+    /// Runs `call` (its NCCL calls on the stream it is given, its tensor operations on the
+    /// current one) on this communicator's stream; see the module comment. `wait`: the compute
+    /// stream waits for it (a blocking call), else only `finish_all_reduces` does.
+    fn on_stream<T>(&self, wait: bool, call: impl FnOnce(Stream) -> Result<T>) -> Result<T> {
+        let Some(side) = &self.side else {
+            return call(DEFAULT_STREAM);
+        };
+        let out = side.run(call)??;
+        if wait {
+            side.join()?;
+        }
+        Ok(out)
+    }
+
+    fn all_gather_on(&self, local: &Tensor, rows: &[i64], stream: Stream) -> Result<Tensor> {
         // NCCL gathers equal counts: pad every rank's rows to the largest, then drop the padding.
         let max = rows.iter().copied().max().unwrap_or(0);
         let size = local.size();
@@ -329,7 +346,7 @@ impl Communicator for NcclComm {
                     padded.numel(),
                     nccl_type(local.kind())?,
                     self.comm,
-                    std::ptr::null_mut(),
+                    stream,
                 )
             },
             "ncclAllGather",
@@ -343,16 +360,78 @@ impl Communicator for NcclComm {
         Ok(Tensor::cat(&pieces, 0))
     }
 
-    fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+    fn broadcast_on(&self, tensors: &[Tensor], root: usize, stream: Stream) -> Result<()> {
         for t in tensors {
             let c = t.contiguous();
-            self.in_place("ncclBroadcast", &c, root as c_int)?;
+            self.in_place("ncclBroadcast", &c, root as c_int, stream)?;
             if c.data_ptr() != t.data_ptr() {
                 let mut dst = t.shallow_clone();
                 tch::no_grad(|| dst.copy_(&c));
             }
         }
         Ok(())
+    }
+}
+
+fn check(lib: &Library, rc: NcclResult, call: &'static str) -> Result<(), DistError> {
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: ncclGetErrorString returns a static string.
+    let msg = unsafe {
+        lib.get::<unsafe extern "C" fn(NcclResult) -> *const c_char>(b"ncclGetErrorString\0")
+            .ok()
+            .map(|f| CStr::from_ptr(f(rc)).to_string_lossy().into_owned())
+    };
+    Err(DistError::NcclCall {
+        call,
+        code: rc,
+        message: msg.unwrap_or_default(),
+    })
+}
+
+impl Communicator for NcclComm {
+    fn world(&self) -> World {
+        self.world
+    }
+
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
+        self.on_stream(true, |s| self.all_reduce_on(tensors, s))
+    }
+
+    fn reduce_sum(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        self.on_stream(true, |s| self.reduce_on(tensors, root, s))
+    }
+
+    fn overlaps(&self) -> bool {
+        self.side.is_some()
+    }
+
+    fn start_all_reduce_sum(&self, tensors: Vec<Tensor>) -> Result<()> {
+        self.on_stream(false, |s| self.all_reduce_on(&tensors, s))
+    }
+
+    fn start_reduce_sum(&self, tensors: Vec<Tensor>, root: usize) -> Result<()> {
+        self.on_stream(false, |s| self.reduce_on(&tensors, root, s))
+    }
+
+    fn finish_all_reduces(&self) -> Result<()> {
+        if let Some(side) = &self.side {
+            side.join()?;
+        }
+        Ok(())
+    }
+
+    fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> Result<Tensor> {
+        self.on_stream(true, |s| self.all_gather_on(local, rows, s))
+    }
+
+    fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        self.on_stream(true, |s| self.broadcast_on(tensors, root, s))
     }
 
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {

@@ -3,12 +3,13 @@
 //! without CUDA every call returns [`ShimError::Torch`] with libtorch's own reason, so callers
 //! fall back (the memory profiler to the resident set) instead of failing.
 
-use std::os::raw::c_int;
+use std::os::raw::{c_int, c_void};
+use std::ptr::NonNull;
 
 use super::{check, ShimError};
 
 mod sys {
-    use std::os::raw::{c_int, c_longlong};
+    use std::os::raw::{c_int, c_longlong, c_void};
 
     // Defined in csrc/shim.cpp.
     extern "C" {
@@ -21,6 +22,11 @@ mod sys {
             free: *mut c_longlong,
             total: *mut c_longlong,
         ) -> c_int;
+        pub fn fsct_cuda_side_stream_new(index: c_int, out: *mut *mut c_void) -> c_int;
+        pub fn fsct_cuda_side_stream_enter(handle: *mut c_void, native: *mut *mut c_void) -> c_int;
+        pub fn fsct_cuda_side_stream_leave(handle: *mut c_void) -> c_int;
+        pub fn fsct_cuda_side_stream_join(handle: *mut c_void) -> c_int;
+        pub fn fsct_cuda_side_stream_free(handle: *mut c_void);
     }
 }
 
@@ -79,6 +85,57 @@ pub fn memory_info(index: usize) -> Result<(u64, u64), ShimError> {
     Ok((free.max(0) as u64, total.max(0) as u64))
 }
 
+/// A CUDA stream beside libtorch's current (compute) stream, for gradient reductions that run
+/// while the backward goes on (PyTorch DDP queues NCCL on a stream of its own the same way).
+/// Ordering is by CUDA events, so the host never waits: work given to [`SideStream::run`] starts
+/// after everything queued on the compute stream before it, and the compute stream resumes
+/// after [`SideStream::join`] only once the side stream's work is done.
+///
+/// Memory: tensors allocated inside `run` belong to the side stream in the caching allocator
+/// (reused only in its order); tensors from the compute stream that `run` reads or writes must
+/// stay alive until `join`, which gradients do.
+pub struct SideStream {
+    handle: NonNull<c_void>,
+}
+
+impl SideStream {
+    /// A high-priority stream from libtorch's pool on CUDA device `index`; an error without
+    /// CUDA.
+    pub fn new(index: usize) -> Result<Self, ShimError> {
+        let mut out = std::ptr::null_mut();
+        // SAFETY: `out` receives a heap object that this value owns and frees on drop.
+        check(unsafe { sys::fsct_cuda_side_stream_new(index as c_int, &mut out) })?;
+        let handle = NonNull::new(out).ok_or_else(|| ShimError::Torch("no side stream".into()))?;
+        Ok(Self { handle })
+    }
+
+    /// Runs `queue` with the side stream current (libtorch operations inside queue there) and
+    /// its `cudaStream_t` as argument (for NCCL), ordered after the compute stream's work so far.
+    /// The compute stream is current again afterwards, whatever `queue` returned.
+    pub fn run<T>(&self, queue: impl FnOnce(*mut c_void) -> T) -> Result<T, ShimError> {
+        let mut native = std::ptr::null_mut();
+        // SAFETY: the handle is live; `native` receives a non-owning stream handle.
+        check(unsafe { sys::fsct_cuda_side_stream_enter(self.handle.as_ptr(), &mut native) })?;
+        let out = queue(native);
+        // SAFETY: the handle is live; restores the stream saved by `enter`.
+        check(unsafe { sys::fsct_cuda_side_stream_leave(self.handle.as_ptr()) })?;
+        Ok(out)
+    }
+
+    /// Makes the compute stream wait (on the GPU) for everything queued by [`SideStream::run`].
+    pub fn join(&self) -> Result<(), ShimError> {
+        // SAFETY: the handle is live.
+        check(unsafe { sys::fsct_cuda_side_stream_join(self.handle.as_ptr()) })
+    }
+}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        // SAFETY: made by fsct_cuda_side_stream_new, freed once here.
+        unsafe { sys::fsct_cuda_side_stream_free(self.handle.as_ptr()) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +157,31 @@ mod tests {
                 Err(ShimError::Torch(msg)) => assert!(!msg.is_empty()),
                 other => panic!("expected a libtorch error without CUDA, got {other:?}"),
             }
+        }
+        assert!(matches!(SideStream::new(0), Err(ShimError::Torch(_))));
+    }
+
+    #[test]
+    fn side_stream_work_follows_the_compute_stream_and_the_compute_stream_waits_for_it() {
+        if !tch::Cuda::is_available() {
+            return;
+        }
+        let on = (tch::Kind::Float, tch::Device::Cuda(0));
+        let a = tch::Tensor::randn([2048, 2048], on);
+        let side = SideStream::new(0).unwrap();
+        for _ in 0..3 {
+            // A long kernel on the compute stream, then its result read and rewritten on the side.
+            let t = a.matmul(&a).matmul(&a);
+            let want = t.copy();
+            side.run(|_| {
+                let doubled = &t * 2.0;
+                let mut t = t.shallow_clone();
+                t.copy_(&doubled);
+            })
+            .unwrap();
+            side.join().unwrap();
+            let diff = (&t - &want * 2.0).abs().max().double_value(&[]);
+            assert_eq!(diff, 0.0, "the side stream raced the compute stream");
         }
     }
 }
