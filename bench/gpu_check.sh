@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for fsct-dist on a lent GPU machine (one GPU, torch 2.11+cu130 for python3, no Rust
-# toolchain, maybe no libmpi, no network). Done in under 5 minutes: every step runs under
+# toolchain, maybe no libmpi, no network). Done in under 7 minutes: every step runs under
 # `timeout`, capped by what is left of BUDGET.
 #
 # Prepare (build machine, repo root; a GPU is not needed there):
@@ -17,15 +17,17 @@
 # dataset; the memory sweep of the documented case (TvResNet34, 224 px, 5-way 5-shot 16-query,
 # VIC 0.5/0.1; amp off/fp16/bf16 × micro-steps 1/4) with episodes/s per row; two 1-epoch Conv4
 # runs over NCCL in a world of one (fixed, then dynamic micro-steps + --memory-report); the
+# overlapped NCCL all-reduce on its side stream beside matmuls (sums checked, share hidden); the
 # documented case in fp16 through `bench step` beside PyTorch eager + autocast + GradScaler (the
 # seed fork's way, bench/train_step_pytorch.py) on the same GPU, episodes/s of each.
-# Writes bench/results/gpu_check_<date>.log, gpu_memory_<date>.md/.json, gpu_check_<date>_memory.json.
-# Knobs: FSCT, BUDGET (s, whole script; 360), SWEEP_S (150), TRAIN_S (40), VS_S (70), WORK.
+# Writes bench/results/gpu_check_<date>.log, gpu_memory_<date>.md/.json, gpu_check_<date>_memory.json,
+# gpu_allreduce_overlap_<date>.md/.json.
+# Knobs: FSCT, BUDGET (s, whole script; 390), SWEEP_S (150), TRAIN_S (40), VS_S (70), WORK.
 set -uo pipefail   # no -e: a failed or timed-out step is reported and the next one still runs
 
 cd "$(dirname "$0")/.." || exit 2
 start=$(date +%s)
-budget=${BUDGET:-360}
+budget=${BUDGET:-390}
 vs_s=${VS_S:-70}
 sweep_s=${SWEEP_S:-150}
 train_s=${TRAIN_S:-40}
@@ -125,6 +127,11 @@ main() {
       break
     fi
   done
+
+  # 4b. The overlapped NCCL all-reduce (train --overlap's path: a side stream ordered by events)
+  # beside matmuls on the compute stream: fails on a wrong sum, reports the share hidden.
+  step "allreduce overlap nccl" 30 "$FSCT" bench allreduce --device cuda --comm nccl --overlap \
+    --min-bytes 1048576 --max-bytes 268435456 --iters 5 --out "$results/gpu_allreduce_overlap_$day.md"
 
   # 5. The documented case in fp16: fsct-dist's step beside PyTorch eager + autocast/GradScaler.
   step "bench step fp16" "$vs_s" "$FSCT" bench step --dataset "$WORK/ds" --device cuda \

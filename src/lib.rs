@@ -183,7 +183,7 @@ fn bench_run(b: &cli::BenchCommand) -> Result<()> {
         }
         BenchCommand::Allreduce(a) => {
             let device = config::parse_device(&a.device)?;
-            let comm = distributed::init(config::CommKind::Auto, device)?;
+            let comm = distributed::init(a.comm, device)?;
             bench::allreduce::run(a, comm.as_ref()).map(|_| ())
         }
         BenchCommand::Scaling(a) => bench::scaling::run(a).map(|_| ()),

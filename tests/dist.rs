@@ -216,6 +216,42 @@ fn overlapped_groups(out: &Output) -> usize {
 }
 
 #[test]
+fn the_overlapped_all_reduce_benchmark_checks_its_sums_on_every_rank() {
+    // `bench allreduce --overlap` runs the overlapped all-reduce beside a compute and fails if
+    // any sum is wrong (the GPU check runs the same over NCCL's side stream); here over MPI's
+    // background thread, W = 2.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("allreduce.md");
+    let args: Vec<String> = [
+        "bench",
+        "allreduce",
+        "--overlap",
+        "--min-bytes",
+        "4096",
+        "--max-bytes",
+        "4194304",
+        "--iters",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    mpirun(2, &args);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+            .unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "4 KiB to 4 MiB in steps of 4");
+    for r in rows {
+        let o = &r["overlap"];
+        let hidden = o["hidden"].as_f64().expect("an overlap column per size");
+        assert!((0.0..=1.0).contains(&hidden), "{r}");
+        assert!(o["overlapped_seconds"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
+
+#[test]
 fn overlapped_gradients_equal_the_all_reduce_after_the_backward() {
     // --overlap on launches the head's and each backbone segment's all-reduce during the
     // backward; the reduced gradients must be those of --overlap off (one all-reduce after the

@@ -18,6 +18,10 @@
 //! With a sharded optimizer (`--shard-optimizer on`, [`super::zero`]) each group's gradients
 //! are reduced to their owners instead (one reduce per owner rank that owns some of the group),
 //! as ZeRO-1 with DeepSpeed's `overlap_comm` does.
+//!
+//! Where the reductions run is the communicator's business: MPI sends them from a thread of its
+//! own ([`crate::distributed::mpi_background`]), NCCL queues them on its side CUDA stream
+//! ([`crate::distributed::nccl`]); this module only says when each group is final.
 
 use anyhow::{anyhow, Result};
 use tch::Tensor;
