@@ -21,8 +21,9 @@
 //!   exposed = all-reduce(G) − min(h·all-reduce(G), s·(2/3)·X/W) (images; X without /W for
 //!   episodes). h is the share the overlap hides when the backward is long enough: never all,
 //!   since the first segment's bucket is final only when the backward ends and the sums are
-//!   copied back after it. It is fitted from overlap off/on pairs of the measurements (the mean
-//!   of 1 − exposed(on)/exposed(off)), else `--overlap-hidden`, else 1. ZeRO-1
+//!   copied back after it. It is `--overlap-hidden` when given (a GPU's figure, from
+//!   `bench allreduce --overlap` there), else fitted from overlap off/on pairs of the
+//!   measurements (the mean of 1 − exposed(on)/exposed(off)), else 1. ZeRO-1
 //!   (`--shard-optimizer on`) reduces and broadcasts the same bytes as one all-reduce, each half
 //!   of it; with `--overlap` the reduce runs in the backward (hiding at most h of its half), the
 //!   broadcast of the stepped parameters follows the optimizer. It steps 1/W of the optimizer:
