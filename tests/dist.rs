@@ -242,7 +242,7 @@ fn the_overlapped_all_reduce_benchmark_checks_its_sums_on_every_rank() {
         serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
             .unwrap();
     let rows = json["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 5, "4 KiB to 4 MiB in steps of 4");
+    assert_eq!(rows.len(), 6, "4 KiB to 4 MiB in steps of 4");
     for r in rows {
         let o = &r["overlap"];
         let hidden = o["hidden"].as_f64().expect("an overlap column per size");

@@ -268,16 +268,20 @@ fn episodes_per_step_averages_the_episode_gradients() {
     }
 }
 
-/// A world of one that keeps a copy of every tensor handed to
-/// [`Communicator::start_all_reduce_sum`], as it was at that moment.
+/// A communicator that keeps a copy of every tensor handed to
+/// [`Communicator::start_all_reduce_sum`], as it was at that moment, and the order of the calls.
+/// In a world of one by default; in a larger one it plays rank 0 and the other ranks add
+/// nothing (zero embeddings).
 #[derive(Default)]
 struct Recorder {
     started: std::cell::RefCell<Vec<Tensor>>,
+    calls: std::cell::RefCell<Vec<&'static str>>,
+    world: Option<World>,
 }
 
 impl Communicator for Recorder {
     fn world(&self) -> World {
-        World::SINGLE
+        self.world.unwrap_or(World::SINGLE)
     }
     fn name(&self) -> &'static str {
         "recorder"
@@ -286,18 +290,24 @@ impl Communicator for Recorder {
         true
     }
     fn start_all_reduce_sum(&self, tensors: Vec<Tensor>) -> anyhow::Result<()> {
+        self.calls.borrow_mut().push("start_all_reduce_sum");
         let mut started = self.started.borrow_mut();
         started.extend(tensors.iter().map(|t| t.copy()));
         Ok(())
     }
     fn all_reduce_sum(&self, _: &[Tensor]) -> anyhow::Result<()> {
+        self.calls.borrow_mut().push("all_reduce_sum");
         Ok(())
     }
     fn reduce_sum(&self, _: &[Tensor], _: usize) -> anyhow::Result<()> {
         Ok(())
     }
-    fn all_gather_rows(&self, local: &Tensor, _: &[i64]) -> anyhow::Result<Tensor> {
-        Ok(local.shallow_clone())
+    fn all_gather_rows(&self, local: &Tensor, rows: &[i64]) -> anyhow::Result<Tensor> {
+        self.calls.borrow_mut().push("all_gather_rows");
+        let mut shape = local.size();
+        shape[0] = rows[1..].iter().sum();
+        let others = Tensor::zeros(&shape[..], (local.kind(), local.device()));
+        Ok(Tensor::cat(&[local.shallow_clone(), others], 0))
     }
     fn broadcast(&self, _: &[Tensor], _: usize) -> anyhow::Result<()> {
         Ok(())
@@ -373,6 +383,51 @@ fn overlap_launches_every_gradient_once_and_only_when_it_is_final() {
             );
         }
     }
+}
+
+#[test]
+fn in_images_mode_the_embedding_all_reduce_goes_out_before_the_head_gradients() {
+    // The all-reduce of the embeddings' gradients sits inside the backward (the backbone's
+    // backward waits for it). A backend that runs its collectives in order on one stream (NCCL)
+    // would queue it behind the head's gradients (200 MB for ResNet34 FS-CT) if those went out
+    // first, and the backbone backward, which the overlap is meant to run beside them, would
+    // wait for them all.
+    let (vs, model) = build_with(Method::FsctCosine, Backbone::Conv4, SIZE, 31);
+    let total = N_WAY * (K_SHOT + N_QUERY);
+    let world = World {
+        rank: 0,
+        size: 2,
+        local_rank: 0,
+        local_size: 2,
+    };
+    let recorder = Recorder {
+        world: Some(world),
+        ..Recorder::default()
+    };
+    let (_, mine) = fsct_dist::train::step::rank_groups(total, 2, 0, 1);
+    let x = Tensor::randn(
+        [mine.end - mine.start, 3, SIZE, SIZE],
+        (Kind::Float, Device::Cpu),
+    );
+    let named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    let mut overlap = Overlap::new(&recorder, &model, &named, None);
+    let o = StepOptions {
+        total_images: total,
+        ..opts(1, false, 1.0)
+    };
+    forward_backward(&model, &x, o, &recorder, &mut NoProfile, Some(&mut overlap)).unwrap();
+    overlap.finish().unwrap();
+    let calls = recorder.calls.into_inner();
+    let embeddings = calls.iter().position(|&c| c == "all_reduce_sum");
+    let first_start = calls.iter().position(|&c| c == "start_all_reduce_sum");
+    assert!(
+        matches!((embeddings, first_start), (Some(e), Some(h)) if e < h),
+        "the embeddings' all-reduce must precede every overlapped launch: {calls:?}"
+    );
 }
 
 /// The variables in the order the step engine launches them: the head, then the backbone's

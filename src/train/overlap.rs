@@ -2,7 +2,9 @@
 //!
 //! Why this order: it is the order in which the backward finishes gradients. The head's
 //! backward runs first (from the loss down to the embeddings), so the head's gradients are final
-//! as soon as it is done, while the whole backbone backward is still ahead; the backbone's
+//! as soon as it is done, while the whole backbone backward is still ahead (they go out just
+//! after the all-reduce of the embeddings' gradients in `--shard images`, the one collective
+//! inside the backward, which an in-order backend would otherwise queue behind them); the backbone's
 //! segments (Conv blocks; ResNet stem and stages) then finish from the last to the first. Only
 //! the optimizer step's last episode, and in it the last micro-step, launches anything: before
 //! that every gradient can still grow. For ResNet34 FS-CT the head is 53 M of the 74 M

@@ -270,9 +270,6 @@ pub fn forward_backward(
         }
         Err(e) => return Err(sync(Err(e)).unwrap_err()),
     };
-    if let Some(o) = overlap.as_deref_mut() {
-        o.ready(Group::Head);
-    }
     // The step's one read to the host: loss and hits together.
     let hits = model::correct_on_device(&out.logits, n_query, queries.start);
     let both = Tensor::stack(
@@ -295,6 +292,13 @@ pub fn forward_backward(
             phases.enter(Phase::Communication);
             comm.all_reduce_sum(&[grad.shallow_clone()])?;
             phases.enter(Phase::Backward);
+        }
+        // The head's gradients are final since the head's backward; they go out after the
+        // embeddings' all-reduce above, so that a backend running its collectives in order on
+        // one stream (NCCL) does not queue that small one behind them and stall the backbone's
+        // backward.
+        if let Some(o) = overlap.as_deref_mut() {
+            o.ready(Group::Head);
         }
         let seed = grad.narrow(0, slice.start, slice.end - slice.start);
         let backward = guard_oom(|| {
