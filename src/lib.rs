@@ -183,7 +183,7 @@ fn bench_run(b: &cli::BenchCommand) -> Result<()> {
         }
         BenchCommand::Allreduce(a) => {
             let device = config::parse_device(&a.device)?;
-            let comm = distributed::init(a.comm, device)?;
+            let comm = distributed::init(a.comm, device, a.overlap)?;
             bench::allreduce::run(a, comm.as_ref()).map(|_| ())
         }
         BenchCommand::Scaling(a) => bench::scaling::run(a).map(|_| ()),
@@ -198,7 +198,11 @@ fn on_every_rank(
     resolved: &config::Resolved,
     job: impl FnOnce(&dyn distributed::Communicator) -> Result<()>,
 ) -> Result<()> {
-    let comm = distributed::init(resolved.config.run.comm, resolved.device)?;
+    let comm = distributed::init(
+        resolved.config.run.comm,
+        resolved.device,
+        resolved.config.train.overlap,
+    )?;
     let world = comm.world();
     let comm = distributed::watchdog::watch(
         comm,

@@ -267,12 +267,14 @@ pub fn buckets(tensors: &[Tensor], bytes: usize) -> Vec<Vec<usize>> {
 /// The world and communicator of this process: MPI when a launcher started it (the backend
 /// chosen by `kind` and `device`), [`Local`] otherwise. Refuses a launcher that says N ranks
 /// while MPI reports one (a binary built against another MPI than the `mpirun` used).
-pub fn init(kind: CommKind, device: Device) -> Result<Box<dyn Communicator>> {
+/// `overlap` (`--overlap`): NCCL queues its collectives on a side stream that can run beside
+/// the backward (off: on the default stream, in order with the compute).
+pub fn init(kind: CommKind, device: Device, overlap: bool) -> Result<Box<dyn Communicator>> {
     let launched = launched_by_mpi();
     if !launched {
         if kind == CommKind::Nccl {
             // NCCL with one rank still works (the GPU check exercises it); it needs no MPI.
-            return Ok(Box::new(nccl::NcclComm::single(device)?));
+            return Ok(Box::new(nccl::NcclComm::single(device, overlap)?));
         }
         return Ok(Box::new(Local));
     }
@@ -296,7 +298,7 @@ pub fn init(kind: CommKind, device: Device) -> Result<Box<dyn Communicator>> {
         let dev = world.device_for(device);
         // MPI is up: a rank that cannot join NCCL must end the job, not leave the others
         // waiting for it in the id broadcast or the communicator's set-up.
-        return match nccl::NcclComm::new(mpi, dev) {
+        return match nccl::NcclComm::new(mpi, dev, overlap) {
             Ok(c) => Ok(Box::new(c)),
             Err(e) => {
                 eprintln!("error on rank {} of {}: {e:#}", world.rank, world.size);

@@ -10,8 +10,8 @@
 //! wait for it, an overlapped reduction of `--overlap` (started during the backward) only at
 //! [`Communicator::finish_all_reduces`], so the optimizer (and the fp16 inf check) reads final
 //! sums while the backward of earlier layers ran beside the reductions. The host never waits.
-//! Without a side stream (libtorch could not make one) the calls go on the default stream, in
-//! order with the kernels around them, and nothing overlaps.
+//! Without a side stream (`--overlap off`, or libtorch could not make one) the calls go on the
+//! default stream, in order with the kernels around them, and nothing overlaps.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -138,26 +138,37 @@ pub struct NcclComm {
 }
 
 impl NcclComm {
-    /// A communicator over the MPI world, on `device` (this rank's GPU).
-    pub fn new(mpi: MpiComm, device: Device) -> Result<Self, DistError> {
+    /// A communicator over the MPI world, on `device` (this rank's GPU). `overlap`: queue the
+    /// collectives on a side stream, so that reductions can run beside the backward; without it
+    /// they stay on the default stream and nothing overlaps (`--overlap off`).
+    pub fn new(mpi: MpiComm, device: Device, overlap: bool) -> Result<Self, DistError> {
         let world = mpi.world();
-        Self::create(Some(mpi), world, device)
+        Self::create(Some(mpi), world, device, overlap)
     }
 
     /// A one-rank NCCL communicator (no MPI): exercises the NCCL path on a single GPU.
-    pub fn single(device: Device) -> Result<Self, DistError> {
-        Self::create(None, World::SINGLE, device)
+    pub fn single(device: Device, overlap: bool) -> Result<Self, DistError> {
+        Self::create(None, World::SINGLE, device, overlap)
     }
 
-    fn create(mpi: Option<MpiComm>, world: World, device: Device) -> Result<Self, DistError> {
+    fn create(
+        mpi: Option<MpiComm>,
+        world: World,
+        device: Device,
+        overlap: bool,
+    ) -> Result<Self, DistError> {
         match Self::connect(mpi.as_ref(), world, device) {
             Ok((lib, comm)) => {
                 let Device::Cuda(index) = device else {
                     unreachable!("connect accepts CUDA devices only")
                 };
-                let side = SideStream::new(index)
-                    .map_err(|e| tracing::warn!("no side stream for overlapped reductions: {e}"))
-                    .ok();
+                let side = overlap
+                    .then(|| {
+                        SideStream::new(index)
+                            .map_err(|e| tracing::warn!("no side stream for --overlap: {e}"))
+                            .ok()
+                    })
+                    .flatten();
                 Ok(Self {
                     lib,
                     comm,
@@ -506,11 +517,11 @@ mod tests {
         if tch::Cuda::is_available() {
             return;
         }
-        let err = NcclComm::single(Device::Cpu)
+        let err = NcclComm::single(Device::Cpu, true)
             .err()
             .expect("CPU cannot host NCCL");
         assert!(err.to_string().contains("--comm mpi"), "{err}");
-        let err = NcclComm::single(Device::Cuda(0))
+        let err = NcclComm::single(Device::Cuda(0), true)
             .err()
             .expect("no CUDA device here");
         assert!(err.to_string().contains("CUDA"), "{err}");
