@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use mpi::collective::SystemOperation;
-use mpi::datatype::PartitionMut;
+use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::{Threading, Universe};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
@@ -149,33 +149,83 @@ impl Host {
 /// Sums `send` over the ranks of `comm` into `sum`: on every rank (`root` None: an all-reduce)
 /// or on `root` alone (a reduce: the other ranks only send, and their `sum` is not touched). The
 /// one collective of the blocking path and of the reduction thread ([`super::mpi_background`]).
+///
+/// Every element is summed in rank order, ((x₀ + x₁) + x₂) + …, whatever the buffer, its
+/// length, the root or the path: MPI_Allreduce and MPI_Reduce choose their algorithm (and so
+/// the order of the additions) by message size and root, so a sharded optimizer's reduce to the
+/// owners and the all-reduce it replaces would round differently (AdamW's m/√v turns those
+/// last bits of near-zero gradients into whole learning-rate steps). In rank order they are
+/// bit-identical, with the bytes of MPI's own: the all-reduce is a reduce-scatter (each rank
+/// sums its 1/W of the buffer, received with one MPI_Alltoallv) and an all-gather of the sums,
+/// a ring all-reduce's traffic; the reduce gathers the buffers on the root, what the other
+/// ranks send to a linear MPI_Reduce.
 pub(super) fn sum_into(
     comm: &SimpleCommunicator,
     root: Option<usize>,
     send: &Host,
     sum: &mut Host,
 ) {
-    let op = SystemOperation::sum();
-    let Some(root) = root else {
-        match (send, sum) {
-            (Host::F32(s), Host::F32(r)) => comm.all_reduce_into(&s[..], &mut r[..], op),
-            (Host::F64(s), Host::F64(r)) => comm.all_reduce_into(&s[..], &mut r[..], op),
-            _ => unreachable!("a bucket's two buffers have its precision"),
+    match (send, sum) {
+        (Host::F32(s), Host::F32(r)) => sum_in_rank_order(comm, root, s, r),
+        (Host::F64(s), Host::F64(r)) => sum_in_rank_order(comm, root, s, r),
+        _ => unreachable!("a bucket's two buffers have its precision"),
+    }
+}
+
+fn sum_in_rank_order<T>(comm: &SimpleCommunicator, root: Option<usize>, send: &[T], sum: &mut [T])
+where
+    T: Equivalence + Copy + Default + std::ops::Add<Output = T>,
+{
+    let w = comm.size() as usize;
+    let me = comm.rank() as usize;
+    let n = send.len();
+    if let Some(root) = root {
+        let root_proc = comm.process_at_rank(root as i32);
+        if me != root {
+            root_proc.gather_into(send);
+            return;
         }
-        return;
-    };
-    let root_proc = comm.process_at_rank(root as i32);
-    if comm.rank() as usize != root {
-        match send {
-            Host::F32(s) => root_proc.reduce_into(&s[..], op),
-            Host::F64(s) => root_proc.reduce_into(&s[..], op),
-        }
+        let mut all = vec![T::default(); w * n];
+        root_proc.gather_into_root(send, &mut all[..]);
+        add_in_rank_order(&all, n, &mut sum[..n]);
         return;
     }
-    match (send, sum) {
-        (Host::F32(s), Host::F32(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
-        (Host::F64(s), Host::F64(r)) => root_proc.reduce_into_root(&s[..], &mut r[..], op),
-        _ => unreachable!("a bucket's two buffers have its precision"),
+    // Rank r sums elements chunks[r]: balanced contiguous ranges.
+    let counts: Vec<i32> = (0..w)
+        .map(|r| (n * (r + 1) / w - n * r / w) as i32)
+        .collect();
+    let displs = displacements(&counts);
+    let mine = counts[me] as usize;
+    let mut parts = vec![T::default(); w * mine];
+    {
+        let from_all = vec![mine as i32; w];
+        let at: Vec<i32> = (0..w).map(|q| (q * mine) as i32).collect();
+        let out = Partition::new(send, &counts[..], &displs[..]);
+        let mut into = PartitionMut::new(&mut parts[..], &from_all[..], &at[..]);
+        comm.all_to_all_varcount_into(&out, &mut into);
+    }
+    let mut reduced = vec![T::default(); mine];
+    add_in_rank_order(&parts, mine, &mut reduced);
+    let mut into = PartitionMut::new(&mut sum[..], &counts[..], &displs[..]);
+    comm.all_gather_varcount_into(&reduced[..], &mut into);
+}
+
+/// `out[i] = ((parts[0][i] + parts[1][i]) + …)`, `parts` being consecutive runs of `n`.
+fn add_in_rank_order<T>(parts: &[T], n: usize, out: &mut [T])
+where
+    T: Copy + std::ops::Add<Output = T>,
+{
+    if n == 0 {
+        return;
+    }
+    let mut runs = parts.chunks_exact(n);
+    if let Some(first) = runs.next() {
+        out.copy_from_slice(first);
+    }
+    for run in runs {
+        for (o, &x) in out.iter_mut().zip(run) {
+            *o = *o + x;
+        }
     }
 }
 
