@@ -3,8 +3,8 @@
 //!
 //! Why a thread and not MPI's non-blocking collectives: Open MPI progresses an `MPI_Iallreduce`
 //! only while some MPI call runs, and the backward makes none, so a started reduction would
-//! mostly wait for the final `MPI_Wait`. A thread blocked in `MPI_Allreduce` progresses all the
-//! time. It needs `MPI_THREAD_MULTIPLE` (the main thread keeps making its own collectives: the
+//! mostly wait for the final `MPI_Wait`. A thread blocked in a collective (the rank-order sum
+//! of [`super::mpi::sum_into`]) progresses all the time. It needs `MPI_THREAD_MULTIPLE` (the main thread keeps making its own collectives: the
 //! step's totals, BatchNorm statistics) and a duplicated communicator, so that its collectives
 //! never pair with the main thread's: MPI matches collectives per communicator, in call order.
 //!
@@ -12,7 +12,8 @@
 //! to the host when it starts ([`Background::start`]) and copies the sums back when it finishes
 //! ([`Background::finish`]), so the two threads never share a tensor. The buffers are kept
 //! from one step to the next (every step has the same buckets): after the first step nothing
-//! is allocated, and memory does not drift between the two threads' allocator arenas.
+//! is allocated (but the sum's own scratch, 1/W of a bucket per rank), and memory does not drift
+//! between the two threads' allocator arenas.
 
 use std::cell::RefCell;
 use std::sync::mpsc::{channel, Receiver, Sender};
