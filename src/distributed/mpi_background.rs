@@ -12,7 +12,7 @@
 //! to the host when it starts ([`Background::start`]) and copies the sums back when it finishes
 //! ([`Background::finish`]), so the two threads never share a tensor. The buffers are kept
 //! from one step to the next (every step has the same buckets): after the first step nothing
-//! is kept allocated (the rank-order sum's scratch lives for one bucket), and memory does not drift
+//! new is kept (the rank-order sum's scratch lives for one bucket), and memory does not drift
 //! between the two threads' allocator arenas.
 
 use std::cell::RefCell;
