@@ -7,6 +7,7 @@
 //! libtorch's stream, with MPI for the unique id and for host-side values).
 
 mod error;
+mod host_sum;
 pub mod mpi;
 mod mpi_background;
 pub mod nccl;

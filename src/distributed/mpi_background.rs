@@ -4,7 +4,7 @@
 //! Why a thread and not MPI's non-blocking collectives: Open MPI progresses an `MPI_Iallreduce`
 //! only while some MPI call runs, and the backward makes none, so a started reduction would
 //! mostly wait for the final `MPI_Wait`. A thread blocked in a collective (the rank-order sum
-//! of [`super::mpi::sum_into`]) progresses all the time. It needs `MPI_THREAD_MULTIPLE` (the main thread keeps making its own collectives: the
+//! of [`super::host_sum::sum_into`]) progresses all the time. It needs `MPI_THREAD_MULTIPLE` (the main thread keeps making its own collectives: the
 //! step's totals, BatchNorm statistics) and a duplicated communicator, so that its collectives
 //! never pair with the main thread's: MPI matches collectives per communicator, in call order.
 //!
@@ -24,7 +24,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use tch::{Device, Kind, Tensor};
 
-use super::mpi::{sum_into, Host};
+use super::host_sum::{sum_into, Host};
 use super::{buckets, flat_cat, scatter_back, ByteCounter, BUCKET_BYTES};
 
 /// A communicator handed to the reduction thread, which alone uses it from then on.

@@ -11,6 +11,7 @@ mod dumps;
 mod epoch;
 pub mod eval;
 mod finish;
+mod grads;
 mod metrics;
 pub mod optim;
 pub mod optimizer_step;

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use super::amp::{AmpMode, Autocast, GradScaler};
 use super::bn_sync;
+use super::grads::defined_grads;
 use super::step::{self, rank_groups, StepError, StepOptions, StepOutcome};
 use super::zero;
 use crate::config::ShardMode;
@@ -322,21 +323,6 @@ pub fn optimizer_step(
         stepped,
         overlapped_groups,
     })
-}
-
-/// Each variable's gradient, created as zeros where this rank's backward did not reach it (a
-/// rank with no queries of its own), so every rank all-reduces the same tensors.
-pub(super) fn defined_grads(vars: &[Tensor]) -> Vec<Tensor> {
-    let missing: Vec<&Tensor> = vars.iter().filter(|v| !v.grad().defined()).collect();
-    if !missing.is_empty() {
-        let zero = missing
-            .iter()
-            .map(|v| (*v * 0.0).sum(v.kind()))
-            .reduce(|a, b| a + b)
-            .expect("not empty");
-        zero.backward();
-    }
-    vars.iter().map(|v| v.grad()).collect()
 }
 
 /// Micro-steps for `dynamic` from the memory available: measures the backbone's working memory

@@ -28,7 +28,7 @@
 use anyhow::{anyhow, Result};
 use tch::Tensor;
 
-use super::optimizer_step::defined_grads;
+use super::grads::defined_grads;
 use super::zero::Ownership;
 use crate::distributed::Communicator;
 use crate::model::FewShotModel;
