@@ -174,3 +174,25 @@ pub(super) fn displacements(counts: &[i32]) -> Vec<i32> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_are_added_left_to_right() {
+        // Three ranks' buffers of two elements; in f32, (1e8 + 1) − 1e8 is 0 but 1e8 − 1e8 + 1
+        // is 1: the sum must be the left fold in rank order, element by element.
+        let parts = [1e8f32, 2.0, 1.0, 3.0, -1e8, 4.0];
+        let mut out = [f32::NAN; 2];
+        add_in_rank_order(&parts, 2, &mut out);
+        let naive = |i: usize| (parts[i] + parts[2 + i]) + parts[4 + i];
+        assert_eq!(out, [naive(0), naive(1)]);
+        assert_eq!(out, [0.0, 9.0]);
+    }
+
+    #[test]
+    fn displacements_are_the_prefix_sums() {
+        assert_eq!(displacements(&[3, 0, 2, 5]), vec![0, 3, 3, 5]);
+    }
+}
