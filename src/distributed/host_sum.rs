@@ -2,7 +2,6 @@
 //! under every MPI tensor collective, blocking or on the overlap thread, so that all of them
 //! round alike.
 
-use anyhow::Result;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;

@@ -4,9 +4,10 @@
 //! Why a thread and not MPI's non-blocking collectives: Open MPI progresses an `MPI_Iallreduce`
 //! only while some MPI call runs, and the backward makes none, so a started reduction would
 //! mostly wait for the final `MPI_Wait`. A thread blocked in a collective (the rank-order sum
-//! of [`super::host_sum::sum_into`]) progresses all the time. It needs `MPI_THREAD_MULTIPLE` (the main thread keeps making its own collectives: the
-//! step's totals, BatchNorm statistics) and a duplicated communicator, so that its collectives
-//! never pair with the main thread's: MPI matches collectives per communicator, in call order.
+//! of [`super::host_sum::sum_into`]) progresses all the time. It needs `MPI_THREAD_MULTIPLE`
+//! (the main thread keeps making its own collectives: the step's totals, BatchNorm statistics)
+//! and a duplicated communicator, so that its collectives never pair with the main thread's:
+//! MPI matches collectives per communicator, in call order.
 //!
 //! The thread touches host buffers only, never libtorch: the main thread flattens each bucket
 //! to the host when it starts ([`Background::start`]) and copies the sums back when it finishes

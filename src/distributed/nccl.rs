@@ -133,7 +133,8 @@ pub struct NcclComm {
     device: Device,
     mpi: Option<MpiComm>,
     sent: ByteCounter,
-    /// Where overlapped reductions run; None (no overlap) if libtorch could not make one.
+    /// The stream every collective runs on (see the module comment); None with `--overlap
+    /// off` or if libtorch could not make one: the default stream, nothing overlaps.
     side: Option<SideStream>,
 }
 
